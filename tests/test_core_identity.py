@@ -1,0 +1,68 @@
+"""The DDPL core is the same text in every script (STYLE.md): compare the marked blocks across the repo root."""
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BEGIN = "# --- DDPL core: begin ---"
+END = "# --- DDPL core: end ---"
+
+
+def core_files() -> list[Path]:
+    """Every top-level ddpl_*.py, plus toy_failure_mode.py if present."""
+    files = sorted(REPO_ROOT.glob("ddpl_*.py"))
+    toy = REPO_ROOT / "toy_failure_mode.py"
+    return files + [toy] if toy.exists() else files
+
+
+def core_block(text: str) -> str:
+    """The text between the begin and end markers; exactly one of each, begin first."""
+    n_begin, n_end = text.count(BEGIN), text.count(END)
+    if n_begin != 1 or n_end != 1:
+        raise ValueError(f"expected one begin and one end marker, found {n_begin} and {n_end}")
+    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
+    if stop < start:
+        raise ValueError("the end marker comes before the begin marker")
+    return text[start:stop]
+
+
+def differing_blocks(texts: dict[str, str]) -> list[str]:
+    """Names whose core block differs from the first one's (empty: all identical)."""
+    blocks = {name: core_block(text) for name, text in texts.items()}
+    reference = next(iter(blocks.values()))
+    return [name for name, block in blocks.items() if block != reference]
+
+
+def test_toy_failure_mode_carries_the_core():
+    assert (REPO_ROOT / "toy_failure_mode.py") in core_files()
+    assert "def sample_actions" in core_block((REPO_ROOT / "toy_failure_mode.py").read_text())
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: p.name)
+def test_exactly_one_pair_of_markers(path):
+    text = path.read_text()
+    assert text.count(BEGIN) == 1, f"{path.name}: {text.count(BEGIN)} begin markers"
+    assert text.count(END) == 1, f"{path.name}: {text.count(END)} end markers"
+    assert text.index(BEGIN) < text.index(END), f"{path.name}: end marker before begin marker"
+
+
+def test_core_blocks_identical():
+    texts = {path.name: path.read_text() for path in core_files()}
+    assert differing_blocks(texts) == [], f"DDPL core differs from {next(iter(texts))} in these files"
+
+
+def test_helper_detects_one_character_change():
+    body = "\ndef f(x):\n    return x + 1\n"
+    a = f"header a\n{BEGIN}{body}{END}\nfooter a\n"
+    b = f"header b, longer\n{BEGIN}{body}{END}\nother footer\n"
+    c = f"{BEGIN}{body.replace('1', '2')}{END}\n"
+    assert differing_blocks({"a": a, "b": b}) == []  # text outside the block may differ
+    assert differing_blocks({"a": a, "b": b, "c": c}) == ["c"]
+    assert differing_blocks({"a": a, "trailing space": a.replace("+ 1", "+ 1 ")}) == ["trailing space"]
+    with pytest.raises(ValueError):
+        core_block(a + BEGIN)
+    with pytest.raises(ValueError):
+        core_block(f"{END}\n{BEGIN}\n")
+    with pytest.raises(ValueError):
+        core_block("no markers at all")
