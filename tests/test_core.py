@@ -17,6 +17,7 @@ from toy_failure_mode import (
     issm_loss,
     issm_weights,
     make_noise_schedule,
+    mish,
     sample_actions,
 )
 
@@ -434,3 +435,11 @@ def test_twin_critic_heads_are_independent():
     for head in range(2):
         g = jax.grad(lambda a, h=head: critic.apply(params, state, a)[h].sum())(action)
         assert np.any(np.abs(np.asarray(g)) > 1e-6)
+
+
+def test_mish_matches_its_definition_and_has_finite_gradients():
+    """The core's one-exp mish equals x * tanh(softplus(x)) (Table 3's activation), also far in the tails."""
+    xs = jnp.linspace(-60.0, 60.0, 20001)
+    ref = xs * jnp.tanh(jax.nn.softplus(xs))
+    np.testing.assert_allclose(np.asarray(mish(xs)), np.asarray(ref), atol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(jax.vmap(jax.grad(mish))(xs))))
