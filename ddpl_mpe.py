@@ -1,0 +1,655 @@
+"""DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on JaxMARL MPE Simple-Reference.
+
+Every agent acts with its own DDPM policy on its local observation; twin averaged-Q critics Qbar_i(s, a_i) on the
+global state and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by
+importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. Env steps, the replay buffer and
+all updates run in one jitted lax.scan per chunk, with seeds and agents vmapped.
+Flags, metrics, choices and measured numbers: docs/ddpl_mpe.md.
+"""
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import jaxmarl
+import numpy as np
+import optax
+import tyro
+from jaxmarl.registration import registered_envs
+
+NOISE_SCHEDULES = ("linear", "cosine", "vp")
+METRICS = ("episodic_return", "train_return", "critic_loss", "actor_loss", "q_mean", "max_weight")
+POLICY_FIELDS = ("env_id", "hidden_size", "num_diffusion_steps", "noise_schedule")  # what a checkpoint fixes
+
+
+@dataclass
+class Args:
+    exp_name: str = "ddpl_mpe"
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 0
+    """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
+    num_seeds: int = 1
+    """independent runs, vmapped in one process"""
+    track: bool = False
+    """log to Weights & Biases as well (one W&B run per seed)"""
+    wandb_project_name: str = "ddpl"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team); None: your default"""
+    save_model: bool = False
+    """write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization, no pickle)"""
+    checkpoint: str | None = None
+    """a model.flax written by --save-model; with --eval-only, evaluate it without training"""
+    eval_only: bool = False
+    """evaluate --checkpoint (same --seed and --num-eval-episodes reproduce the training run's final evaluation)"""
+    runs_dir: str = "runs"
+    """parent folder of the run folder"""
+
+    # Algorithm specific arguments
+    env_id: str = "MPE_simple_reference_v3"
+    """a JaxMARL MPE scenario that accepts action_type="Continuous" (the paper's Simple-Reference-v2)"""
+    total_timesteps: int = 2_000_000
+    """environment steps per seed (each of the --num-envs envs counts)"""
+    num_envs: int = 20
+    """parallel envs, each stepped once per iteration (Table 3 "rollout batch size")"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity in transitions (ours); circular"""
+    learning_starts: int = 10_000
+    """environment steps of uniform random actions before the first update (ours)"""
+    updates_per_iteration: int = 1
+    """U: gradient updates after each vector step (ours; 0 only collects data, for profiling)"""
+    batch_size: int = 256
+    """transitions per update (Table 3)"""
+    gamma: float = 0.99
+    """discount factor (ours)"""
+    tau: float = 0.005
+    """Polyak rate of the target critics (Table 3 "smoothing parameter")"""
+    learning_rate: float = 1e-4
+    """Adam learning rate of actors and critics at the start, decayed linearly (Table 3)"""
+    learning_rate_end: float = 5e-5
+    """Adam learning rate at the last update (Table 3)"""
+    hidden_size: int = 256
+    """width of the 3 mish layers of score networks and critics (Table 3)"""
+    num_diffusion_steps: int = 20
+    """K: denoising steps of every policy (Table 3)"""
+    noise_schedule: str = "cosine"
+    """linear, cosine or vp (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
+    eta: float = 1.0
+    """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
+    num_action_samples: int = 4
+    """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
+    standardize_q: bool = True
+    """standardise Qbar over each state's M samples before the softmax: eta becomes scale-free (ours)"""
+    reward_scale: float = 1.0
+    """multiplies rewards in the TD target (ours)"""
+    team_reward: bool = True
+    """critics learn the mean reward over agents (identical interest, paper Sec. 2.1); off: each its own reward"""
+    eval_every: int = 20_000
+    """environment steps between evaluations (one jitted chunk of training each)"""
+    num_eval_episodes: int = 50
+    """episodes per seed and evaluation, stochastic policy (paper Sec. 5)"""
+
+
+def parse_args() -> Args:
+    """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if e.code:
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
+            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise
+
+
+def is_continuous_mpe(env_id: str) -> bool:
+    """A registered JaxMARL MPE scenario whose constructor accepts action_type="Continuous"."""
+    if not env_id.startswith("MPE_") or env_id not in registered_envs:
+        return False
+    try:
+        return bool(jaxmarl.make(env_id, action_type="Continuous"))
+    except Exception:  # e.g. the facmac scenarios: continuous already, but they reject the keyword
+        return False
+
+
+def valid_env_ids() -> list[str]:
+    return [env_id for env_id in registered_envs if is_continuous_mpe(env_id)]
+
+
+def load_checkpoint(path: str) -> dict:
+    """{"actor": params with leading (seed, agent) axes, "global_step", "config"} from a --save-model file."""
+    with open(path, "rb") as f:
+        ckpt = flax.serialization.msgpack_restore(f.read())
+    ckpt["config"] = json.loads(ckpt["config"])
+    missing = [k for k in POLICY_FIELDS if k not in ckpt["config"]] + [
+        k for k in ("actor", "global_step") if k not in ckpt
+    ]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    return ckpt
+
+
+def validate(args: Args) -> str | None:
+    """Return a one-line description of the first invalid flag, or None. Runs before anything is written."""
+    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
+        return "--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together"
+    if args.checkpoint:
+        try:
+            load_checkpoint(args.checkpoint)
+        except Exception as e:
+            return f"--checkpoint: cannot read {args.checkpoint!r} as a ddpl_mpe model.flax ({type(e).__name__}: {e})"
+    if not is_continuous_mpe(args.env_id):
+        return f"--env-id: unknown {args.env_id!r}; valid ids: {', '.join(valid_env_ids())}"
+    if args.noise_schedule not in NOISE_SCHEDULES:
+        return f"--noise-schedule: unknown {args.noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}"
+    if args.num_action_samples < 2:
+        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
+    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
+    minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+    if not args.num_envs <= args.eval_every <= args.total_timesteps:
+        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
+        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
+    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
+    if args.learning_rate_end <= 0:
+        return "--learning-rate-end must be > 0"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track needs the wandb package (pip install wandb), which is not installed"
+    return None
+
+
+# ALGO LOGIC: environment glue. JaxMARL's dicts become arrays with agents on a leading axis.
+class MPEArrays:
+    """A JaxMARL MPE env seen through arrays: obs (N, obs_dim), learner actions in [-1, 1]^(N, act_dim), rewards (N,).
+
+    Agents with fewer observation or action dims (e.g. speaker-listener) are zero-padded to the largest one, so all
+    agents share one stacked, vmapped parameter pytree; padded action dims are dropped at the env boundary.
+    """
+
+    def __init__(self, env_id: str):
+        self.env = jaxmarl.make(env_id, action_type="Continuous")
+        self.agents = self.env.agents
+        self.num_agents = len(self.agents)
+        self.obs_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
+        self.act_dims = [self.env.action_space(a).shape[0] for a in self.agents]
+        self.obs_dim, self.act_dim = max(self.obs_dims), max(self.act_dims)
+        self.low, self.high = [], []  # each agent's action box (MPE: [0, 1])
+        for a, d in zip(self.agents, self.act_dims, strict=True):
+            self.low.append(jnp.broadcast_to(jnp.asarray(self.env.action_space(a).low, jnp.float32), (d,)))
+            self.high.append(jnp.broadcast_to(jnp.asarray(self.env.action_space(a).high, jnp.float32), (d,)))
+        self.episode_length = self.env.max_steps + 1  # done is raised when step >= max_steps: 26 steps for MPE
+
+    def stack_obs(self, obs: dict) -> jax.Array:
+        dims = zip(self.agents, self.obs_dims, strict=True)
+        return jnp.stack([jnp.pad(obs[a], (0, self.obs_dim - d)) for a, d in dims])
+
+    def reset(self, key):
+        obs, state = self.env.reset(key)
+        return self.stack_obs(obs), state
+
+    def step(self, key, state, action):
+        """One step of one env. Returns (next_obs, obs, state, reward, done).
+
+        next_obs is the true successor observation (what the replay buffer stores), obs what the policies see next:
+        the reset observation where the episode ended. JaxMARL's env.step auto-resets and returns an empty info, so
+        the terminal observation would be lost; we call step_env (no reset) and reset ourselves, with env.step's
+        own key split, so obs and state equal env.step's output (tests/test_mpe.py checks it).
+        """
+        # learner actions are in [-1, 1] (the sampler clips); map them affinely onto the box (MPE: [0, 1])
+        env_action = {
+            a: lo + 0.5 * (action[i, :d] + 1.0) * (hi - lo)
+            for i, (a, d, lo, hi) in enumerate(zip(self.agents, self.act_dims, self.low, self.high, strict=True))
+        }
+        key, key_reset = jax.random.split(key)
+        obs_st, state_st, reward, dones, _ = self.env.step_env(key, state, env_action)
+        obs_re, state_re = self.env.reset(key_reset)
+        done = dones["__all__"]
+        state = jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st)
+        next_obs = self.stack_obs(obs_st)
+        obs = jnp.where(done, self.stack_obs(obs_re), next_obs)
+        return next_obs, obs, state, jnp.stack([reward[a] for a in self.agents]), done
+
+
+def buffer_init(size: int, N: int, D: int, A: int) -> dict:
+    """Fixed-size replay arrays for N agents, D-dim observations and A-dim actions; they live in the scan carry."""
+    shapes = {"obs": (N, D), "action": (N, A), "reward": (N,), "next_obs": (N, D), "done": ()}
+    return {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
+
+
+def buffer_add(buffer: dict, transitions: dict, iteration) -> dict:
+    """Circular insert of one vector step (E transitions) at rows iteration * E, ..., mod the buffer size."""
+    size, num = buffer["done"].shape[0], transitions["done"].shape[0]
+    rows = (iteration * num + jnp.arange(num)) % size
+    return jax.tree.map(lambda b, x: b.at[rows].set(x), buffer, transitions)
+
+
+# --- DDPL core: begin ---
+# Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). ALGORITHM.md sec. 3-5.
+def make_noise_schedule(name: str, num_steps: int) -> dict:
+    """Betas b_1..b_K and the DDPM coefficients derived from them (ALGORITHM.md sec. 3)."""
+    K = num_steps
+    if name == "linear":  # Table 3: "linear, start 0.001, end 0.999"
+        betas = jnp.linspace(1e-3, 0.999, K)
+    elif name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008, b clipped at 0.999
+        f = jnp.cos((jnp.arange(K + 1) / K + 0.008) / 1.008 * jnp.pi / 2) ** 2
+        betas = jnp.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    elif name == "vp":  # discretised VP-SDE as in DACER's code, b_min 0.1, b_max 10
+        t = jnp.arange(1, K + 1)
+        betas = 1.0 - jnp.exp(-0.1 / K - 0.5 * (10.0 - 0.1) * (2 * t - 1) / K**2)
+    else:
+        raise ValueError(f"unknown noise schedule {name!r}; choose from linear, cosine, vp")
+    alphas = 1.0 - betas
+    abar = jnp.cumprod(alphas)
+    abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
+    return {
+        "betas": betas,
+        "abar": abar,
+        # posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7)
+        "c1": jnp.sqrt(abar_prev) * betas / (1.0 - abar),
+        "c2": jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar),
+        # sigma_k^2 = b_k (ours): with K = 20 the posterior variance makes broad policies too narrow
+        # (tests/test_core.py::test_sampler_fidelity; ALGORITHM.md sec. 3 "Measured")
+        "sigma": jnp.sqrt(betas),
+    }
+
+
+def mish(x):
+    """x tanh(softplus(x)) with one exp: tanh(log(1 + e^x)) = n / (n + 2), n = e^x (e^x + 2)."""
+    n = jnp.exp(jnp.minimum(x, 20.0))  # for x > 20 the ratio is 1 in float32
+    n = n * (n + 2.0)
+    return x * n / (n + 2.0)
+
+
+class ScoreNet(nn.Module):
+    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o]."""
+
+    action_dim: int
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, x, k, obs):
+        freqs = jnp.exp(-jnp.log(1000.0) * jnp.arange(8) / 8)
+        angles = k[..., None].astype(jnp.float32) * freqs
+        h = jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles), obs], axis=-1)
+        for _ in range(self.num_layers):
+            h = mish(nn.Dense(self.hidden)(h))
+        return nn.Dense(self.action_dim)(h)
+
+
+def sample_actions(apply_fn, params, obs, key, sched, action_dim):
+    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1).
+
+    obs has shape (..., obs_dim); returns actions of shape (..., action_dim). Key use: split(key, K + 1),
+    keys[0] draws x_K and keys[1 + K - k] the noise of step k = K..1 (tests replay this with a Python loop).
+    """
+    K = sched["betas"].shape[0]
+    keys = jax.random.split(key, K + 1)
+    x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
+
+    def step(x, inp):
+        k, step_key = inp  # k runs K..1
+        i = k - 1
+        eps = apply_fn(params, x, jnp.full(x.shape[:-1], k), obs)
+        # x0 prediction clipped to the action box (as in DACER), then the DDPM posterior mean
+        x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
+        noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
+        return sched["c1"][i] * x0 + sched["c2"][i] * x + noise, None
+
+    x_0, _ = jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))
+    return jnp.clip(x_0, -1.0, 1.0)
+
+
+def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
+    """Denoising score matching (eq. 1) on x0 of shape (B, M, d) with obs (B, obs_dim).
+
+    weights (B, M), if given, replace the plain mean over the M samples of each state (ISSM, eq. 2).
+    """
+    B, M, d = x0.shape
+    K = sched["betas"].shape[0]
+    k_key, eps_key = jax.random.split(key)
+    k = jax.random.randint(k_key, (B, M), 1, K + 1)
+    eps = jax.random.normal(eps_key, x0.shape)
+    abar = sched["abar"][k - 1][..., None]
+    x_k = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+    obs_m = jnp.broadcast_to(obs[:, None, :], (B, M, obs.shape[-1]))
+    per_sample = jnp.sum((apply_fn(params, x_k, k, obs_m) - eps) ** 2, axis=-1)
+    if weights is None:
+        weights = jnp.full((B, M), 1.0 / M)
+    return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
+
+
+def issm_weights(q, eta, standardize):
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j)) over the M samples of a state.
+
+    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). standardize
+    divides Qbar by its per-state std over the M samples first, which makes eta scale-free (ours).
+    """
+    if standardize:
+        q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
+    return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
+
+
+def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, standardize):
+    """ISSM (eq. 2): DSM on M actions drawn from pi^t per state, weighted toward pi^t exp(eta Qbar)."""
+    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, standardize))
+
+
+class TwinCritic(nn.Module):
+    """Twin averaged-Q critics Qbar_i(s, a_i): global state and the agent's OWN action (Alg. 2, line 5)."""
+
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, state, action):
+        qs = []
+        for _ in range(2):
+            h = jnp.concatenate([state, action], axis=-1)
+            for _ in range(self.num_layers):
+                h = mish(nn.Dense(self.hidden)(h))
+            qs.append(nn.Dense(1)(h)[..., 0])
+        return qs[0], qs[1]
+
+
+# --- DDPL core: end ---
+
+
+# ALGO LOGIC: Algorithm 2. One iteration: every env steps once, then U updates of every agent's critic and policy.
+def make_train(args: Args, env: MPEArrays):
+    """Returns init(seed) -> runner state, train_chunk(state, chunk) -> (state, metrics), evaluate(actor, seed, step).
+
+    All three are per seed; main() jits and vmaps them over seeds. The training loop is split into chunks of
+    --eval-every env steps so that a progress bar and the evaluations run between jitted calls; the carry
+    (replay buffer included) stays on the device.
+    """
+    N, D, A = env.num_agents, env.obs_dim, env.act_dim  # agents, (padded) observation and action dims
+    E, B, M = args.num_envs, args.batch_size, args.num_action_samples
+    iters_per_chunk = args.eval_every // E
+    num_iterations = (args.total_timesteps // (iters_per_chunk * E)) * iters_per_chunk
+    num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
+    sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
+    score_net = ScoreNet(action_dim=A, hidden=args.hidden_size)
+    critic_net = TwinCritic(hidden=args.hidden_size)
+    # Table 3: Adam, learning rate linear 1e-4 -> 5e-5 over training, for actors and critics alike
+    tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))
+
+    def act(actor, obs, key):
+        """Decentralized execution: agent i samples a_i ~ pi_i(.|o_i). obs (..., N, D) -> actions (..., N, A)."""
+        sample = jax.vmap(lambda p, o, k: sample_actions(score_net.apply, p, o, k, sched, A))
+        return jnp.moveaxis(sample(actor, jnp.moveaxis(obs, -2, 0), jax.random.split(key, N)), 0, -2)
+
+    def init(seed):
+        key, k_actor, k_critic, k_env = jax.random.split(jax.random.PRNGKey(seed), 4)
+        # agents are a stacked leading axis of every parameter pytree: separate parameters, vmapped
+        actor = jax.vmap(score_net.init, (0, None, None, None))(
+            jax.random.split(k_actor, N), jnp.zeros((1, A)), jnp.ones(1, jnp.int32), jnp.zeros((1, D))
+        )
+        critic = jax.vmap(critic_net.init, (0, None, None))(
+            jax.random.split(k_critic, N), jnp.zeros((1, N * D)), jnp.zeros((1, A))
+        )
+        learner = {"actor": actor, "critic": critic, "critic_target": critic}
+        learner |= {"actor_opt": jax.vmap(tx.init)(actor), "critic_opt": jax.vmap(tx.init)(critic)}
+        obs, env_state = jax.vmap(env.reset)(jax.random.split(k_env, E))
+        rs = {"learner": learner, "buffer": buffer_init(args.buffer_size, N, D, A), "env_state": env_state}
+        return rs | {"obs": obs, "ep_return": jnp.zeros(E), "key": key}
+
+    def update_agent(p, mine, shared, key):
+        """One critic step and one ISSM step of one agent (vmapped over agents).
+
+        p: the agent's parameters and optimiser states; mine: its own o_i, a_i, r_i, o_i' (B rows each);
+        shared: the global state s and s' (all agents' observations concatenated) and done.
+        """
+        k_next, k_prop, k_dsm = jax.random.split(key, 3)
+        # Averaged-Q critic (Alg. 2, line 5): global state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
+        next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
+        q_next = jnp.minimum(*critic_net.apply(p["critic_target"], shared["next_state"], next_action))
+        y = mine["reward"] * args.reward_scale + args.gamma * (1.0 - shared["done"]) * q_next
+
+        def critic_loss(params):
+            q1, q2 = critic_net.apply(params, shared["state"], mine["action"])
+            return jnp.mean((q1 - y) ** 2) + jnp.mean((q2 - y) ** 2), q1.mean()
+
+        (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(p["critic"])
+        updates, critic_opt = tx.update(grads, p["critic_opt"])
+        critic = optax.apply_updates(p["critic"], updates)
+        # ISSM (eq. 2): M proposals per state from pi^t (no gradient flows through the sampler), self-normalised
+        # weights softmax_j(eta * Qbar) with Qbar = min of the twin ONLINE critics, just updated above
+        proposals = sample_actions(
+            score_net.apply, p["actor"], jnp.broadcast_to(mine["obs"][:, None], (B, M, D)), k_prop, sched, A
+        )
+        q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(shared["state"][:, None], (B, M, N * D)), proposals))
+        a_loss, grads = jax.value_and_grad(issm_loss, argnums=1)(
+            score_net.apply, p["actor"], mine["obs"], proposals, q, k_dsm, sched, args.eta, args.standardize_q
+        )
+        updates, actor_opt = tx.update(grads, p["actor_opt"])
+        actor = optax.apply_updates(p["actor"], updates)
+        critic_target = optax.incremental_update(critic, p["critic_target"], args.tau)  # Polyak (Table 3)
+        max_weight = issm_weights(q, args.eta, args.standardize_q).max(axis=-1).mean()
+        p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target}
+        return p | {"critic_opt": critic_opt}, jnp.stack([c_loss, a_loss, q_mean, max_weight])
+
+    def update(rs, iteration, key):
+        k_idx, k_agents = jax.random.split(key)
+        filled = jnp.minimum((iteration + 1) * E, args.buffer_size)
+        batch = jax.tree.map(lambda x: x[jax.random.randint(k_idx, (B,), 0, filled)], rs["buffer"])
+        if args.team_reward:  # identical interest: every critic learns the team's (mean) reward
+            batch["reward"] = jnp.broadcast_to(batch["reward"].mean(axis=-1, keepdims=True), (B, N))
+        mine = {k: jnp.swapaxes(batch[k], 0, 1) for k in ("obs", "action", "reward", "next_obs")}  # agents first
+        shared = {"state": batch["obs"].reshape(B, N * D), "next_state": batch["next_obs"].reshape(B, N * D)}
+        shared["done"] = batch["done"]
+        learner, metrics = jax.vmap(update_agent, in_axes=(0, 0, None, 0))(
+            rs["learner"], mine, shared, jax.random.split(k_agents, N)
+        )
+        return rs | {"learner": learner}, metrics.mean(axis=0)
+
+    def iteration_step(carry, iteration):
+        rs, ep_sum, ep_count = carry
+        key, k_act, k_env, k_upd = jax.random.split(rs["key"], 4)
+        # iteration is not vmapped over seeds, so both conds stay real branches (no work wasted under vmap)
+        action = jax.lax.cond(
+            iteration * E < args.learning_starts,  # warm-up: uniform random actions
+            lambda: jax.random.uniform(k_act, (E, N, A), minval=-1.0, maxval=1.0),
+            lambda: act(rs["learner"]["actor"], rs["obs"], k_act),
+        )
+        next_obs, obs, env_state, reward, done = jax.vmap(env.step)(jax.random.split(k_env, E), rs["env_state"], action)
+        # MPE episodes end only at the time limit: truncation, not termination, so bootstrapping never stops
+        # (done = 0 in the buffer) and next_obs is the true last observation, not the reset one (MPEArrays.step)
+        transitions = {"obs": rs["obs"], "action": action, "reward": reward, "next_obs": next_obs, "done": jnp.zeros(E)}
+        ep_return = rs["ep_return"] + reward.mean(axis=-1)  # return averaged over agents
+        ep_sum, ep_count = ep_sum + jnp.sum(ep_return * done), ep_count + jnp.sum(done)
+        rs |= {"buffer": buffer_add(rs["buffer"], transitions, iteration), "env_state": env_state, "obs": obs}
+        rs |= {"ep_return": ep_return * (1 - done), "key": key}
+
+        def updates(rs):
+            keys = jax.random.split(k_upd, args.updates_per_iteration)
+            rs, metrics = jax.lax.scan(lambda r, k: update(r, iteration, k), rs, keys)
+            return rs, metrics.mean(axis=0), jnp.float32(1.0)
+
+        def no_updates(rs):
+            return rs, jnp.zeros(4), jnp.float32(0.0)
+
+        learn = ((iteration + 1) * E >= args.learning_starts) & (args.updates_per_iteration > 0)
+        rs, metrics, updated = jax.lax.cond(learn, updates, no_updates, rs)
+        return (rs, ep_sum, ep_count), (metrics, updated)
+
+    def train_chunk(rs, chunk):
+        iterations = chunk * iters_per_chunk + jnp.arange(iters_per_chunk)
+        carry = (rs, jnp.zeros(()), jnp.zeros(()))  # running sum and count of finished training episodes' returns
+        (rs, ep_sum, ep_count), (metrics, updated) = jax.lax.scan(iteration_step, carry, iterations)
+        metrics = jnp.where(updated.sum() > 0, (metrics * updated[:, None]).sum(axis=0) / updated.sum(), jnp.nan)
+        metrics = dict(zip(("critic_loss", "actor_loss", "q_mean", "max_weight"), metrics, strict=True))
+        return rs, metrics | {"train_return": jnp.where(ep_count > 0, ep_sum / ep_count, jnp.nan)}
+
+    def evaluate(actor, seed, global_step):
+        """Mean return (averaged over agents) of --num-eval-episodes episodes with the stochastic policy (Sec. 5).
+
+        The key depends only on (seed, global_step), so --eval-only on a saved model reproduces the numbers.
+        """
+        key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
+        obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
+
+        def step(carry, key):
+            obs, env_state, alive, ret = carry
+            k_act, k_env = jax.random.split(key)
+            keys = jax.random.split(k_env, args.num_eval_episodes)
+            _, obs, env_state, reward, done = jax.vmap(env.step)(keys, env_state, act(actor, obs, k_act))
+            return (obs, env_state, alive * (1.0 - done), ret + alive * reward.mean(axis=-1)), None
+
+        carry = (obs, env_state, jnp.ones(args.num_eval_episodes), jnp.zeros(args.num_eval_episodes))
+        (*_, ret), _ = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
+        return ret.mean()
+
+    return init, train_chunk, evaluate, iters_per_chunk * E, num_iterations // iters_per_chunk
+
+
+# TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
+def stats(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
+
+
+def plot_curve(rows: list[dict], path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["global_step"] for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in (("episodic_return", "tab:blue"), ("train_return", "tab:gray")):
+        values = np.array([[float(r[name] or "nan") for r in rows if r["global_step"] == s] for s in steps])
+        if np.all(np.isnan(values)):
+            continue
+        mean, std = np.nanmean(values, axis=1), np.nanstd(values, axis=1)
+        label = "eval (stochastic policy)" if name == "episodic_return" else "training episodes"
+        ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
+        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+    ax.set(xlabel="environment steps per seed", ylabel=f"return per agent (mean, std of {values.shape[1]} seeds)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args: Args) -> int:
+    if error := validate(args):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    if args.eval_only:  # the policy's architecture and env come from the checkpoint
+        args = replace(args, **{k: ckpt["config"][k] for k in POLICY_FIELDS})
+        args = replace(args, num_seeds=int(jax.tree.leaves(ckpt["actor"])[0].shape[0]))
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    script_start = time.time()
+
+    env = MPEArrays(args.env_id)
+    init, train_chunk, evaluate, steps_per_chunk, num_chunks = make_train(args, env)
+    seeds = jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed
+    # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
+    actor_shape = jax.eval_shape(jax.vmap(init), seeds)["learner"]["actor"]
+    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None))).lower(actor_shape, seeds, jnp.int32(0)).compile()
+    wandb_runs = []
+    if args.track:  # one W&B run per seed, grouped by run name: seeds are never averaged silently
+        import wandb
+
+        for s in seeds.tolist():
+            config, name = {**asdict(args), "lane_seed": s}, f"{run_name}__seed{s}"
+            wandb_runs.append(wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name,
+                                         group=run_name, config=config, reinit="create_new"))  # fmt: skip
+    rows = []
+    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+    writer = csv.DictWriter(metrics_file, fieldnames=("global_step", "seed", *METRICS, "sps", "wall_time"))
+    writer.writeheader()
+
+    def log(global_step: int, metrics: dict, sps: float, wall_time: float):
+        for i, s in enumerate(seeds.tolist()):
+            row = {"global_step": global_step, "seed": s, **{k: float(metrics[k][i]) for k in metrics}}
+            row = {**{k: "" for k in METRICS}, **row, "sps": round(sps, 1), "wall_time": round(wall_time, 2)}
+            writer.writerow(row)
+            rows.append(row)
+            if wandb_runs:
+                wandb_runs[i].log({k: v for k, v in row.items() if v != ""}, step=global_step)
+        metrics_file.flush()
+
+    if args.eval_only:
+        global_step = int(ckpt["global_step"])
+        returns = np.asarray(evaluate(ckpt["actor"], seeds, jnp.int32(global_step)))
+        log(global_step, {"episodic_return": returns}, 0.0, time.time() - script_start)
+        final = best = returns
+        sps, total_timesteps = 0.0, global_step
+        print(f"eval-only {args.checkpoint} at global_step {global_step}: episodic_return per seed {returns.tolist()}")
+    else:
+        from tqdm import tqdm
+
+        rs = jax.jit(jax.vmap(init))(seeds)
+        train_chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)), donate_argnums=0)
+        train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()  # compile once, outside the timed loop
+        print(f"compiled in {time.time() - script_start:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps/seed")
+        start, final, best, best_mean = time.time(), None, None, -np.inf
+        bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
+        for chunk in range(num_chunks):
+            rs, metrics = train_chunk(rs, jnp.int32(chunk))
+            global_step = (chunk + 1) * steps_per_chunk
+            returns = evaluate(rs["learner"]["actor"], seeds, jnp.int32(global_step))
+            metrics = jax.device_get({"episodic_return": returns, **metrics})
+            elapsed = time.time() - start
+            sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
+            log(global_step, metrics, sps, elapsed)
+            final = metrics["episodic_return"]
+            if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
+                best, best_mean = final, final.mean()
+            bar.update(steps_per_chunk)
+            bar.set_postfix(eval=f"{final.mean():.2f}", train=f"{np.nanmean(metrics['train_return']):.2f}")
+        bar.close()
+        total_timesteps = global_step  # --total-timesteps rounded down to whole chunks
+        if args.save_model:
+            ckpt = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
+            with open(os.path.join(run_dir, "model.flax"), "wb") as f:
+                f.write(flax.serialization.to_bytes(ckpt))
+    metrics_file.close()
+    plot_curve(rows, os.path.join(run_dir, "learning_curve.png"), f"DDPL on {args.env_id}")
+    summary = {
+        "script": os.path.basename(__file__),
+        "env_id": args.env_id,
+        "total_timesteps": total_timesteps,
+        "num_seeds": args.num_seeds,
+        "final_eval_return": stats(final),
+        "best_eval_return": stats(best),
+        "wall_time_s": round(time.time() - script_start, 2),
+        "sps": round(sps, 1),
+        "eval_only": args.eval_only,
+    }
+    # summary.json last: its presence marks a complete run folder
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    for run in wandb_runs:
+        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+        run.finish()
+    print(f"final eval return {summary['final_eval_return']['mean']:.3f} +- {summary['final_eval_return']['std']:.3f}")
+    print(f"wrote {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,191 @@
+"""ddpl_mpe.py: the CLI contract (run folder, eval-only reproduction, determinism, bad input) and the env glue."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddpl_mpe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny budget: 4 envs, 2 chunks of 400 steps, updates from step 200, a 500-row buffer (it wraps around)
+TINY = [
+    "--total-timesteps", "800", "--eval-every", "400", "--num-envs", "4", "--learning-starts", "200",
+    "--batch-size", "32", "--hidden-size", "32", "--num-diffusion-steps", "5", "--num-eval-episodes", "5",
+    "--buffer-size", "500", "--num-seeds", "2", "--seed", "3",
+]  # fmt: skip
+SUMMARY_KEYS = {"script", "env_id", "total_timesteps", "num_seeds", "final_eval_return", "best_eval_return"}
+SUMMARY_KEYS |= {"wall_time_s", "sps"}
+COLUMNS = ["global_step", "seed", "episodic_return", "train_return", "critic_loss", "actor_loss", "q_mean"]
+COLUMNS += ["max_weight", "sps", "wall_time"]
+
+
+def run_cli(*flags, cwd):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "ddpl_mpe.py"), *flags],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def read_rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def start_cli(*flags, cwd):
+    cmd = [sys.executable, os.path.join(ROOT, "ddpl_mpe.py"), *flags]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two identical tiny training runs with 2 seeds, side by side (one core each); the first saves its model."""
+    tmp = tmp_path_factory.mktemp("train")
+    procs = [
+        start_cli(*TINY, "--save-model", "--runs-dir", str(tmp / "a"), cwd=tmp),
+        start_cli(*TINY, "--runs-dir", str(tmp / "b"), cwd=tmp),
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+    return [next((tmp / name).iterdir()) for name in ("a", "b")]
+
+
+@pytest.fixture(scope="module")
+def trained(runs):
+    return runs[0]
+
+
+def test_run_folder_is_complete(trained):
+    for name in ("config.json", "metrics.csv", "summary.json", "learning_curve.png", "model.flax"):
+        assert (trained / name).is_file(), name
+    summary = json.loads((trained / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["script"] == "ddpl_mpe.py" and summary["env_id"] == "MPE_simple_reference_v3"
+    assert summary["num_seeds"] == 2 and summary["total_timesteps"] == 800
+    for key in ("final_eval_return", "best_eval_return"):
+        assert set(summary[key]) == {"mean", "std", "per_seed"} and len(summary[key]["per_seed"]) == 2
+    rows = read_rows(trained)
+    assert list(rows[0]) == COLUMNS
+    assert [(int(r["global_step"]), int(r["seed"])) for r in rows] == [(400, 3), (400, 4), (800, 3), (800, 4)]
+    final = [float(r["episodic_return"]) for r in rows if r["global_step"] == "800"]
+    assert summary["final_eval_return"]["per_seed"] == final
+    # updates ran in both chunks (learning starts at 200) and the ISSM weights are normalised over M = 4
+    for r in rows:
+        assert np.isfinite(float(r["critic_loss"])) and np.isfinite(float(r["actor_loss"]))
+        assert 0.25 <= float(r["max_weight"]) <= 1.0
+        assert -60.0 < float(r["episodic_return"]) < 0.0  # MPE rewards are negative distances
+
+
+def test_eval_only_reproduces_final_eval(trained, tmp_path):
+    res = run_cli(
+        "--checkpoint", str(trained / "model.flax"), "--eval-only", "--seed", "3", "--num-eval-episodes", "5",
+        "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = read_rows(run_dir)
+    want = {r["seed"]: r["episodic_return"] for r in read_rows(trained) if r["global_step"] == "800"}
+    assert {r["seed"]: r["episodic_return"] for r in rows} == want  # exact equality, as text
+    assert all(r["global_step"] == "800" for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    trained_summary = json.loads((trained / "summary.json").read_text())
+    assert summary["final_eval_return"] == trained_summary["final_eval_return"]
+    assert SUMMARY_KEYS <= set(summary) and summary["eval_only"] is True
+
+
+def test_same_seed_same_metrics(runs):
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("sps", "wall_time")} for r in rows]
+
+    assert strip(read_rows(runs[1])) == strip(read_rows(runs[0]))
+    assert not (runs[1] / "model.flax").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--env-id", "MPE_simple_nonsense_v9"], "valid ids: MPE_simple_v3"),
+        (["--env-id", "SMAX"], "MPE_simple_reference_v3"),
+        (["--num-action-samples", "1"], "--num-action-samples must be >= 2"),
+        (["--eval-only"], "--eval-only and --checkpoint"),
+        (["--checkpoint", "model.flax"], "--eval-only and --checkpoint"),
+        (["--noise-schedule", "quadratic"], "choose from linear, cosine, vp"),
+        (["--num-seeds", "two"], "--num-seeds"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, flags, expected):
+    res = run_cli(*flags, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_valid_env_ids_are_the_continuous_mpe_scenarios():
+    ids = ddpl_mpe.valid_env_ids()
+    assert "MPE_simple_reference_v3" in ids and "MPE_simple_spread_v3" in ids
+    assert all(i.startswith("MPE_") for i in ids) and "SMAX" not in ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Env glue and replay buffer
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env():
+    return ddpl_mpe.MPEArrays("MPE_simple_reference_v3")
+
+
+def test_env_shapes_and_action_box(env):
+    assert (env.num_agents, env.obs_dim, env.act_dim, env.episode_length) == (2, 21, 15, 26)
+    np.testing.assert_array_equal(np.asarray(env.low[0]), 0.0)
+    np.testing.assert_array_equal(np.asarray(env.high[0]), 1.0)
+
+
+def test_step_keeps_terminal_observation_and_matches_env_step(env):
+    """Through a whole episode: MPEArrays.step equals env.step (auto-reset included) for what the policy sees next,
+    while next_obs is step_env's true successor, also on the last step; actions map [-1, 1] -> [0, 1] affinely."""
+    key = jax.random.PRNGKey(0)
+    obs, state = env.reset(key)
+    step = jax.jit(env.step)
+    raw_step, raw_step_env = jax.jit(env.env.step), jax.jit(env.env.step_env)
+    for t in range(env.episode_length):
+        key, k_act, k_step = jax.random.split(key, 3)
+        action = jax.random.uniform(k_act, (2, 15), minval=-1.0, maxval=1.0)
+        env_action = {a: (action[i] + 1.0) / 2.0 for i, a in enumerate(env.agents)}
+        next_obs, obs_seen, new_state, reward, done = step(k_step, state, action)
+        ref_obs, ref_state, ref_reward, ref_dones, _ = raw_step(k_step, state, env_action)
+        true_next, *_ = raw_step_env(jax.random.split(k_step)[0], state, env_action)
+        np.testing.assert_allclose(np.asarray(obs_seen), np.asarray(env.stack_obs(ref_obs)), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(next_obs), np.asarray(env.stack_obs(true_next)), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(reward), [float(ref_reward[a]) for a in env.agents], atol=1e-6)
+        assert bool(done) == bool(ref_dones["__all__"]) == (t == env.episode_length - 1)
+        for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(ref_state), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+        state = new_state
+    # on the last step the true successor is not the reset observation the policy sees next
+    assert not np.allclose(np.asarray(next_obs), np.asarray(obs_seen))
+    assert int(state.step) == 0
+
+
+def test_buffer_add_is_circular():
+    buffer = ddpl_mpe.buffer_init(size=5, N=2, D=3, A=1)
+    for it in range(3):  # 3 inserts of 2 transitions into 5 rows: rows 0-1, 2-3, then 4 and 0
+        value = 10.0 * it + jnp.arange(2.0)  # transition j of insert it carries 10 it + j everywhere
+        tr = {
+            k: jnp.broadcast_to(value.reshape((2,) + (1,) * (v.ndim - 1)), (2,) + v.shape[1:])
+            for k, v in buffer.items()
+        }
+        buffer = ddpl_mpe.buffer_add(buffer, tr, it)
+    np.testing.assert_array_equal(np.asarray(buffer["done"]), [21.0, 1.0, 10.0, 11.0, 20.0])
+    np.testing.assert_array_equal(np.asarray(buffer["obs"][:, 1, 2]), [21.0, 1.0, 10.0, 11.0, 20.0])
