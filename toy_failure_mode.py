@@ -9,6 +9,8 @@ Every (policy class, N, seed, agent) is one vmapped lane of a single jitted prog
 Parameters, choices and results: docs/toy_failure_mode.md.
 """
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -92,6 +94,20 @@ class Args:
     """epochs whose policy densities are drawn (Figure 1 analogue)"""
     runs_dir: str = "runs"
     """parent folder of the run folder"""
+
+
+def parse_args() -> Args:
+    """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if e.code:
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
+            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise
 
 
 def validate(args: Args) -> str | None:
@@ -551,4 +567,4 @@ def main(args: Args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(Args)))
+    sys.exit(main(parse_args()))

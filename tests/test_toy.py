@@ -30,6 +30,7 @@ def run_cli(*flags, cwd):
         (["--num-agents-list", "0", "2"], "--num-agents-list"),
         (["--policy-classes", "exact", "softmax"], "choose from exact, gaussian, diffusion"),
         (["--noise-schedule", "quadratic"], "choose from linear, cosine, vp"),
+        (["--epochs", "abc"], "--epochs"),  # a tyro parse error, condensed to one line
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, flags, expected):
