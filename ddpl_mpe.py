@@ -533,10 +533,11 @@ def plot_curve(rows: list[dict], path: str, title: str):
     steps = sorted({r["global_step"] for r in rows})
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, color in (("episodic_return", "tab:blue"), ("train_return", "tab:gray")):
-        values = np.array([[float(r[name] or "nan") for r in rows if r["global_step"] == s] for s in steps])
+        by_step = [[r[name] for r in rows if r["global_step"] == s] for s in steps]  # "" where nothing was logged
+        values = np.array([[np.nan if v == "" else float(v) for v in vs] for vs in by_step])
         if np.all(np.isnan(values)):
             continue
-        mean, std = np.nanmean(values, axis=1), np.nanstd(values, axis=1)
+        mean, std = values.mean(axis=1), values.std(axis=1)  # NaN (no data) leaves a gap
         label = "eval (stochastic policy)" if name == "episodic_return" else "training episodes"
         ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
@@ -609,10 +610,15 @@ def main(args: Args) -> int:
         start, final, best, best_mean = time.time(), None, None, -np.inf
         bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
         for chunk in range(num_chunks):
-            rs, metrics = train_chunk(rs, jnp.int32(chunk))
+            try:
+                rs, metrics = train_chunk(rs, jnp.int32(chunk))
+                returns = evaluate(rs["learner"]["actor"], seeds, jnp.int32((chunk + 1) * steps_per_chunk))
+                metrics = jax.device_get({"episodic_return": returns, **metrics})
+            except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
+                bar.close()
+                print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
+                return 130
             global_step = (chunk + 1) * steps_per_chunk
-            returns = evaluate(rs["learner"]["actor"], seeds, jnp.int32(global_step))
-            metrics = jax.device_get({"episodic_return": returns, **metrics})
             elapsed = time.time() - start
             sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
             log(global_step, metrics, sps, elapsed)
@@ -620,7 +626,7 @@ def main(args: Args) -> int:
             if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
                 best, best_mean = final, final.mean()
             bar.update(steps_per_chunk)
-            bar.set_postfix(eval=f"{final.mean():.2f}", train=f"{np.nanmean(metrics['train_return']):.2f}")
+            bar.set_postfix(eval=f"{final.mean():.2f}", train=f"{np.mean(metrics['train_return']):.2f}")
         bar.close()
         total_timesteps = global_step  # --total-timesteps rounded down to whole chunks
         if args.save_model:
