@@ -80,7 +80,7 @@ class Args:
     """noise schedule of the diffusion policy: linear, cosine or vp"""
     diffusion_hidden: int = 64
     """width of the toy's score network (3 mish layers; the benchmarks use 256)"""
-    diffusion_updates: int = 15
+    diffusion_updates: int = 12
     """ISSM Adam steps per epoch (each with fresh diffusion times and noise)"""
     diffusion_lr: float = 2e-3
     """Adam learning rate of the score network"""
