@@ -1,0 +1,703 @@
+"""DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on JaxMARL SMAX, continuous actions.
+
+Every ally acts with its own DDPM policy on its local observation; twin averaged-Q critics Qbar_i(s, a_i) on the env's
+world state and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by
+importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. The enemies are SMAX's heuristic AI.
+Env steps, the replay buffer and all updates run in one jitted lax.scan per chunk, with seeds and agents vmapped.
+Flags, metrics, choices and measured numbers: docs/ddpl_smax.md.
+"""
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import jaxmarl
+import numpy as np
+import optax
+import tyro
+from jaxmarl.environments.smax import map_name_to_scenario
+from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
+
+NOISE_SCHEDULES = ("linear", "cosine", "vp")
+UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "alive_fraction")
+METRICS = ("episodic_return", "win_rate", "train_return", "train_win_rate", *UPDATE_METRICS)
+POLICY_FIELDS = ("map", "hidden_size", "num_diffusion_steps", "noise_schedule")  # what a checkpoint fixes
+
+
+@dataclass
+class Args:
+    exp_name: str = "ddpl_smax"
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 0
+    """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
+    num_seeds: int = 1
+    """independent runs, vmapped in one process"""
+    track: bool = False
+    """log to Weights & Biases as well (one W&B run per seed)"""
+    wandb_project_name: str = "ddpl"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team); None: your default"""
+    save_model: bool = False
+    """write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization, no pickle)"""
+    checkpoint: str | None = None
+    """a model.flax written by --save-model; with --eval-only, evaluate it without training"""
+    eval_only: bool = False
+    """evaluate --checkpoint (same --seed and --num-eval-episodes reproduce the training run's final evaluation)"""
+    runs_dir: str = "runs"
+    """parent folder of the run folder"""
+
+    # Algorithm specific arguments
+    map: str = "3s_vs_5z"
+    """an SMAX map (jaxmarl's map_name_to_scenario); the paper uses 3s_vs_5z and 6h_vs_8z"""
+    total_timesteps: int = 2_000_000
+    """environment steps per seed (each of the --num-envs envs counts; ours: the paper's budget was lost)"""
+    num_envs: int = 20
+    """parallel envs, each stepped once per iteration (Table 3 "rollout batch size")"""
+    buffer_size: int = 200_000
+    """replay buffer capacity in transitions (ours; 0.65 GB per seed on 3s_vs_5z, 2 GB on 6h_vs_8z); circular"""
+    learning_starts: int = 10_000
+    """environment steps of uniform random actions before the first update (ours)"""
+    updates_per_iteration: int = 1
+    """U: gradient updates after each vector step (ours; 0 only collects data, for profiling)"""
+    batch_size: int = 256
+    """transitions per update (Table 3)"""
+    gamma: float = 0.99
+    """discount factor (ours)"""
+    tau: float = 0.005
+    """Polyak rate of the target critics (Table 3 "smoothing parameter")"""
+    learning_rate: float = 1e-4
+    """Adam learning rate of actors and critics at the start, decayed linearly (Table 3)"""
+    learning_rate_end: float = 5e-5
+    """Adam learning rate at the last update (Table 3)"""
+    hidden_size: int = 256
+    """width of the 3 mish layers of score networks and critics (Table 3)"""
+    num_diffusion_steps: int = 20
+    """K: denoising steps of every policy (Table 3)"""
+    noise_schedule: str = "cosine"
+    """linear, cosine or vp (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
+    eta: float = 1.0
+    """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
+    num_action_samples: int = 4
+    """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
+    standardize_q: bool = True
+    """standardise Qbar over each state's M samples before the softmax: eta becomes scale-free (ours)"""
+    reward_scale: float = 1.0
+    """multiplies rewards in the TD target (ours)"""
+    eval_every: int = 20_000
+    """environment steps between evaluations (one jitted chunk of training each)"""
+    num_eval_episodes: int = 50
+    """episodes per seed and evaluation, stochastic policy (paper Sec. 5)"""
+
+
+def parse_args() -> Args:
+    """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if e.code:
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
+            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise
+
+
+def valid_maps() -> list[str]:
+    """The maps map_name_to_scenario knows (its registry, which jaxmarl's register_scenario extends)."""
+    return sorted(MAP_NAME_TO_SCENARIO)
+
+
+def load_checkpoint(path: str) -> dict:
+    """{"actor": params with leading (seed, agent) axes, "global_step", "config"} from a --save-model file."""
+    with open(path, "rb") as f:
+        ckpt = flax.serialization.msgpack_restore(f.read())
+    ckpt["config"] = json.loads(ckpt["config"])
+    missing = [k for k in POLICY_FIELDS if k not in ckpt["config"]] + [
+        k for k in ("actor", "global_step") if k not in ckpt
+    ]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    return ckpt
+
+
+def validate(args: Args) -> str | None:
+    """Return a one-line description of the first invalid flag, or None. Runs before anything is written."""
+    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
+        return "--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together"
+    if args.checkpoint:
+        try:
+            load_checkpoint(args.checkpoint)
+        except Exception as e:
+            return f"--checkpoint: cannot read {args.checkpoint!r} as a ddpl_smax model.flax ({type(e).__name__}: {e})"
+    if args.map not in MAP_NAME_TO_SCENARIO:
+        return f"--map: unknown SMAX map {args.map!r}; valid maps: {', '.join(valid_maps())}"
+    if args.noise_schedule not in NOISE_SCHEDULES:
+        return f"--noise-schedule: unknown {args.noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}"
+    if args.num_action_samples < 2:
+        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
+    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
+    minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+    if not args.num_envs <= args.eval_every <= args.total_timesteps:
+        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
+        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
+    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
+    if args.learning_rate_end <= 0:
+        return "--learning-rate-end must be > 0"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track needs the wandb package (pip install wandb), which is not installed"
+    return None
+
+
+# ALGO LOGIC: environment glue. JaxMARL's dicts become arrays with agents (the allies) on a leading axis.
+class SMAXArrays:
+    """HeuristicEnemySMAX with continuous actions seen through arrays (docs/ddpl_smax.md, "Environment").
+
+    obs (N, obs_dim) per ally, the env's world state (state_dim,) for the critics, learner actions in [-1, 1]^(N, 4),
+    one shared team reward. Action layout (env.continuous_action_dims): [shoot_last_enemy, do_shoot, r, angle / 2pi].
+    """
+
+    ACTION_EPS = 1e-3  # env actions stay in [eps, 1 - eps]: the env samples move-vs-shoot from log(a), log(1 - a)
+
+    def __init__(self, map_name: str, **smax_kwargs):  # smax_kwargs, e.g. max_steps, go to SMAX (tests use them)
+        scenario = map_name_to_scenario(map_name)
+        self.env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, action_type="continuous", **smax_kwargs)
+        self.agents = self.env.agents
+        self.num_agents = self.env.num_allies
+        self.obs_dim = self.env.observation_space(self.agents[0]).shape[0]
+        self.state_dim = self.env.state_size
+        self.act_dim = len(self.env.continuous_action_dims)  # 4
+        self.episode_length = self.env.max_steps + 1  # done is raised when step >= max_steps: at most 101 steps
+
+    def alive(self, state) -> jax.Array:
+        return state.state.unit_alive[: self.num_agents]  # allies first, then enemies
+
+    def reset(self, key):
+        """(obs, world_state, state). Weak types are made strong, or a jitted step recompiles on a stepped state."""
+        obs, state = self.env.reset(key)
+        state = jax.tree.map(lambda x: jnp.asarray(x, jnp.asarray(x).dtype), state)
+        return jnp.stack([obs[a] for a in self.agents]), obs["world_state"], state
+
+    def to_env_action(self, action):
+        """Learner actions in [-1, 1] (the sampler clips) -> [eps, 1 - eps], affinely. The env does NOT clip."""
+        eps = self.ACTION_EPS
+        return jnp.clip(eps + (1.0 - 2.0 * eps) * 0.5 * (action + 1.0), eps, 1.0 - eps)
+
+    def step(self, key, state, action) -> dict:
+        """One step of one env: the transition for the replay buffer and what the policies see next.
+
+        JaxMARL's env.step auto-resets and returns an empty info, so the terminal observation and the win would be
+        lost; we call step_env (no reset) and reset ourselves, with env.step's own key split, so obs and state equal
+        env.step's output (tests/test_smax.py checks it). "next_*" is the true successor s'; "obs", "world_state",
+        "state" are the reset ones where the episode ended.
+        """
+        env_action = self.to_env_action(action)
+        key, key_reset = jax.random.split(key)
+        obs_st, state_st, reward, dones, _ = self.env.step_env(
+            key, state, {a: env_action[i] for i, a in enumerate(self.agents)}
+        )
+        obs_re, world_state_re, state_re = self.reset(key_reset)
+        done = dones["__all__"]
+        alive = state_st.state.unit_alive
+        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
+        next_obs = jnp.stack([obs_st[a] for a in self.agents])
+        return {
+            "next_obs": next_obs,
+            "next_world_state": obs_st["world_state"],
+            "reward": reward[self.agents[0]],  # the team reward, identical for every ally
+            # a whole team dead ends the episode; the step-101 time limit is truncation (done, not terminal)
+            "terminal": (allies_dead | enemies_dead).astype(jnp.float32),
+            "done": done,
+            "won": enemies_dead & ~allies_dead,  # exactly when SMAX pays the won_battle_bonus
+            "alive": self.alive(state),  # allies alive at s
+            "next_alive": self.alive(state_st),  # allies alive at s' (before any reset)
+            "obs": jnp.where(done, obs_re, next_obs),
+            "world_state": jnp.where(done, world_state_re, obs_st["world_state"]),
+            "state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st),
+        }
+
+
+def buffer_init(size: int, N: int, D: int, S: int, A: int) -> dict:
+    """Fixed-size replay arrays for N agents, D-dim observations, an S-dim world state and A-dim actions."""
+    shapes = {"obs": (N, D), "world_state": (S,), "action": (N, A), "reward": (), "next_obs": (N, D)}
+    shapes |= {"next_world_state": (S,), "terminal": (), "alive": (N,), "next_alive": (N,)}
+    return {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
+
+
+def buffer_add(buffer: dict, transitions: dict, iteration) -> dict:
+    """Circular insert of one vector step (E transitions) at rows iteration * E, ..., mod the buffer size."""
+    size, num = buffer["reward"].shape[0], transitions["reward"].shape[0]
+    rows = (iteration * num + jnp.arange(num)) % size
+    return jax.tree.map(lambda b, x: b.at[rows].set(x.astype(b.dtype)), buffer, transitions)
+
+
+# --- DDPL core: begin ---
+# Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). ALGORITHM.md sec. 3-5.
+def make_noise_schedule(name: str, num_steps: int) -> dict:
+    """Betas b_1..b_K and the DDPM coefficients derived from them (ALGORITHM.md sec. 3)."""
+    K = num_steps
+    if name == "linear":  # Table 3: "linear, start 0.001, end 0.999"
+        betas = jnp.linspace(1e-3, 0.999, K)
+    elif name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008, b clipped at 0.999
+        f = jnp.cos((jnp.arange(K + 1) / K + 0.008) / 1.008 * jnp.pi / 2) ** 2
+        betas = jnp.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    elif name == "vp":  # discretised VP-SDE as in DACER's code, b_min 0.1, b_max 10
+        t = jnp.arange(1, K + 1)
+        betas = 1.0 - jnp.exp(-0.1 / K - 0.5 * (10.0 - 0.1) * (2 * t - 1) / K**2)
+    else:
+        raise ValueError(f"unknown noise schedule {name!r}; choose from linear, cosine, vp")
+    alphas = 1.0 - betas
+    abar = jnp.cumprod(alphas)
+    abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
+    return {
+        "betas": betas,
+        "abar": abar,
+        # posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7)
+        "c1": jnp.sqrt(abar_prev) * betas / (1.0 - abar),
+        "c2": jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar),
+        # sigma_k^2 = b_k (ours): with K = 20 the posterior variance makes broad policies too narrow
+        # (tests/test_core.py::test_sampler_fidelity; ALGORITHM.md sec. 3 "Measured")
+        "sigma": jnp.sqrt(betas),
+    }
+
+
+def mish(x):
+    """x tanh(softplus(x)) with one exp: tanh(log(1 + e^x)) = n / (n + 2), n = e^x (e^x + 2)."""
+    n = jnp.exp(jnp.minimum(x, 20.0))  # for x > 20 the ratio is 1 in float32
+    n = n * (n + 2.0)
+    return x * n / (n + 2.0)
+
+
+class ScoreNet(nn.Module):
+    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o]."""
+
+    action_dim: int
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, x, k, obs):
+        freqs = jnp.exp(-jnp.log(1000.0) * jnp.arange(8) / 8)
+        angles = k[..., None].astype(jnp.float32) * freqs
+        h = jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles), obs], axis=-1)
+        for _ in range(self.num_layers):
+            h = mish(nn.Dense(self.hidden)(h))
+        return nn.Dense(self.action_dim)(h)
+
+
+def sample_actions(apply_fn, params, obs, key, sched, action_dim):
+    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1).
+
+    obs has shape (..., obs_dim); returns actions of shape (..., action_dim). Key use: split(key, K + 1),
+    keys[0] draws x_K and keys[1 + K - k] the noise of step k = K..1 (tests replay this with a Python loop).
+    """
+    K = sched["betas"].shape[0]
+    keys = jax.random.split(key, K + 1)
+    x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
+
+    def step(x, inp):
+        k, step_key = inp  # k runs K..1
+        i = k - 1
+        eps = apply_fn(params, x, jnp.full(x.shape[:-1], k), obs)
+        # x0 prediction clipped to the action box (as in DACER), then the DDPM posterior mean
+        x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
+        noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
+        return sched["c1"][i] * x0 + sched["c2"][i] * x + noise, None
+
+    x_0, _ = jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))
+    return jnp.clip(x_0, -1.0, 1.0)
+
+
+def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
+    """Denoising score matching (eq. 1) on x0 of shape (B, M, d) with obs (B, obs_dim).
+
+    weights (B, M), if given, replace the plain mean over the M samples of each state (ISSM, eq. 2).
+    """
+    B, M, d = x0.shape
+    K = sched["betas"].shape[0]
+    k_key, eps_key = jax.random.split(key)
+    k = jax.random.randint(k_key, (B, M), 1, K + 1)
+    eps = jax.random.normal(eps_key, x0.shape)
+    abar = sched["abar"][k - 1][..., None]
+    x_k = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+    obs_m = jnp.broadcast_to(obs[:, None, :], (B, M, obs.shape[-1]))
+    per_sample = jnp.sum((apply_fn(params, x_k, k, obs_m) - eps) ** 2, axis=-1)
+    if weights is None:
+        weights = jnp.full((B, M), 1.0 / M)
+    return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
+
+
+def issm_weights(q, eta, standardize):
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j)) over the M samples of a state.
+
+    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). standardize
+    divides Qbar by its per-state std over the M samples first, which makes eta scale-free (ours).
+    """
+    if standardize:
+        q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
+    return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
+
+
+def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, standardize):
+    """ISSM (eq. 2): DSM on M actions drawn from pi^t per state, weighted toward pi^t exp(eta Qbar)."""
+    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, standardize))
+
+
+class TwinCritic(nn.Module):
+    """Twin averaged-Q critics Qbar_i(s, a_i): global state and the agent's OWN action (Alg. 2, line 5)."""
+
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, state, action):
+        qs = []
+        for _ in range(2):
+            h = jnp.concatenate([state, action], axis=-1)
+            for _ in range(self.num_layers):
+                h = mish(nn.Dense(self.hidden)(h))
+            qs.append(nn.Dense(1)(h)[..., 0])
+        return qs[0], qs[1]
+
+
+# --- DDPL core: end ---
+
+
+# ALGO LOGIC: ISSM weights on SMAX, where allies die. Rows (states) where the agent is dead get weight 0: its
+# observation is all zeros, its action has no effect, so the true weights there are uniform and the critic's only
+# signal is noise. dsm_loss averages over B rows, so the rest are scaled by B / (rows alive): a mean over the living.
+def alive_issm_weights(q, alive, eta, standardize):
+    """q (B, M) critic values of the M proposals, alive (B,) in {0, 1} -> ISSM weights (B, M) for dsm_loss."""
+    weights = issm_weights(q, eta, standardize) * alive[:, None]
+    return weights * alive.shape[0] / jnp.maximum(alive.sum(), 1.0)
+
+
+# ALGO LOGIC: Algorithm 2. One iteration: every env steps once, then U updates of every agent's critic and policy.
+def make_train(args: Args, env: SMAXArrays):
+    """Returns init(seed) -> runner state, train_chunk(state, chunk) -> (state, metrics), evaluate(actor, seed, step).
+
+    All three are per seed; main() jits and vmaps them over seeds. The training loop is split into chunks of
+    --eval-every env steps so that a progress bar and the evaluations run between jitted calls; the carry
+    (replay buffer included) stays on the device.
+    """
+    N, D, S, A = env.num_agents, env.obs_dim, env.state_dim, env.act_dim  # agents, obs, world-state, action dims
+    E, B, M = args.num_envs, args.batch_size, args.num_action_samples
+    iters_per_chunk = args.eval_every // E
+    num_iterations = (args.total_timesteps // (iters_per_chunk * E)) * iters_per_chunk
+    num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
+    sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
+    score_net = ScoreNet(action_dim=A, hidden=args.hidden_size)
+    critic_net = TwinCritic(hidden=args.hidden_size)
+    # Table 3: Adam, learning rate linear 1e-4 -> 5e-5 over training, for actors and critics alike
+    tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))
+
+    def act(actor, obs, key):
+        """Decentralized execution: agent i samples a_i ~ pi_i(.|o_i). obs (..., N, D) -> actions (..., N, A)."""
+        sample = jax.vmap(lambda p, o, k: sample_actions(score_net.apply, p, o, k, sched, A))
+        return jnp.moveaxis(sample(actor, jnp.moveaxis(obs, -2, 0), jax.random.split(key, N)), 0, -2)
+
+    def init(seed):
+        key, k_actor, k_critic, k_env = jax.random.split(jax.random.PRNGKey(seed), 4)
+        # agents are a stacked leading axis of every parameter pytree: separate parameters, vmapped
+        actor = jax.vmap(score_net.init, (0, None, None, None))(
+            jax.random.split(k_actor, N), jnp.zeros((1, A)), jnp.ones(1, jnp.int32), jnp.zeros((1, D))
+        )
+        critic = jax.vmap(critic_net.init, (0, None, None))(
+            jax.random.split(k_critic, N), jnp.zeros((1, S)), jnp.zeros((1, A))
+        )
+        learner = {"actor": actor, "critic": critic, "critic_target": critic}
+        learner |= {"actor_opt": jax.vmap(tx.init)(actor), "critic_opt": jax.vmap(tx.init)(critic)}
+        obs, world_state, env_state = jax.vmap(env.reset)(jax.random.split(k_env, E))
+        rs = {"learner": learner, "buffer": buffer_init(args.buffer_size, N, D, S, A), "env_state": env_state}
+        return rs | {"obs": obs, "world_state": world_state, "ep_return": jnp.zeros(E), "key": key}
+
+    def update_agent(p, mine, shared, key):
+        """One critic step and one ISSM step of one agent (vmapped over agents).
+
+        p: the agent's parameters and optimiser states; mine: its own o_i, a_i, o_i' and whether it is alive at s
+        and s' (B rows each); shared: the world states s and s', the team reward and terminal.
+        A dead ally's action has no effect, so Qbar_i(s, .) is flat in a_i there and its observation is all zeros:
+        the critics see the fixed action 0 for it (exact, and no irrelevant input noise), TD keeps bootstrapping
+        through its death (the team's return goes on), and ISSM leaves those rows out (docs/ddpl_smax.md).
+        """
+        k_next, k_prop, k_dsm = jax.random.split(key, 3)
+        # Averaged-Q critic (Alg. 2, line 5): world state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
+        next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
+        next_action = next_action * mine["next_alive"][:, None]
+        q_next = jnp.minimum(*critic_net.apply(p["critic_target"], shared["next_state"], next_action))
+        y = shared["reward"] * args.reward_scale + args.gamma * (1.0 - shared["terminal"]) * q_next
+        action = mine["action"] * mine["alive"][:, None]
+
+        def critic_loss(params):
+            q1, q2 = critic_net.apply(params, shared["state"], action)
+            return jnp.mean((q1 - y) ** 2) + jnp.mean((q2 - y) ** 2), q1.mean()
+
+        (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(p["critic"])
+        updates, critic_opt = tx.update(grads, p["critic_opt"])
+        critic = optax.apply_updates(p["critic"], updates)
+        # ISSM (eq. 2): M proposals per state from pi^t (no gradient flows through the sampler), self-normalised
+        # weights softmax_j(eta * Qbar) with Qbar = min of the twin ONLINE critics, just updated above
+        proposals = sample_actions(
+            score_net.apply, p["actor"], jnp.broadcast_to(mine["obs"][:, None], (B, M, D)), k_prop, sched, A
+        )
+        q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(shared["state"][:, None], (B, M, S)), proposals))
+        weights = alive_issm_weights(q, mine["alive"], args.eta, args.standardize_q)
+        a_loss, grads = jax.value_and_grad(dsm_loss, argnums=1)(
+            score_net.apply, p["actor"], mine["obs"], proposals, k_dsm, sched, weights
+        )
+        updates, actor_opt = tx.update(grads, p["actor_opt"])
+        actor = optax.apply_updates(p["actor"], updates)
+        critic_target = optax.incremental_update(critic, p["critic_target"], args.tau)  # Polyak (Table 3)
+        max_weight = issm_weights(q, args.eta, args.standardize_q).max(axis=-1).mean()
+        p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target}
+        return p | {"critic_opt": critic_opt}, jnp.stack([c_loss, a_loss, q_mean, max_weight, mine["alive"].mean()])
+
+    def update(rs, iteration, key):
+        k_idx, k_agents = jax.random.split(key)
+        filled = jnp.minimum((iteration + 1) * E, args.buffer_size)
+        batch = jax.tree.map(lambda x: x[jax.random.randint(k_idx, (B,), 0, filled)], rs["buffer"])
+        mine = {k: jnp.swapaxes(batch[k], 0, 1) for k in ("obs", "action", "next_obs", "alive", "next_alive")}
+        shared = {"state": batch["world_state"], "next_state": batch["next_world_state"]}
+        shared |= {"reward": batch["reward"], "terminal": batch["terminal"]}
+        learner, metrics = jax.vmap(update_agent, in_axes=(0, 0, None, 0))(
+            rs["learner"], mine, shared, jax.random.split(k_agents, N)
+        )
+        return rs | {"learner": learner}, metrics.mean(axis=0)
+
+    def iteration_step(carry, iteration):
+        rs, ep_stats = carry
+        key, k_act, k_env, k_upd = jax.random.split(rs["key"], 4)
+        # iteration is not vmapped over seeds, so both conds stay real branches (no work wasted under vmap)
+        action = jax.lax.cond(
+            iteration * E < args.learning_starts,  # warm-up: uniform random actions
+            lambda: jax.random.uniform(k_act, (E, N, A), minval=-1.0, maxval=1.0),
+            lambda: act(rs["learner"]["actor"], rs["obs"], k_act),
+        )
+        out = jax.vmap(env.step)(jax.random.split(k_env, E), rs["env_state"], action)
+        # s' is the true successor (not the reset observation) and TD bootstraps on 1 - terminal: a time-limit end
+        # (step 101) is truncation, an ally's death is not the end of the team's return
+        transitions = {"obs": rs["obs"], "world_state": rs["world_state"], "action": action}
+        transitions |= {k: out[k] for k in ("reward", "terminal", "alive", "next_alive")}
+        transitions |= {"next_obs": out["next_obs"], "next_world_state": out["next_world_state"]}
+        ep_return, done = rs["ep_return"] + out["reward"], out["done"]
+        ep_stats = ep_stats + jnp.stack([jnp.sum(ep_return * done), jnp.sum(out["won"] & done), jnp.sum(done)])
+        rs |= {"buffer": buffer_add(rs["buffer"], transitions, iteration), "env_state": out["state"]}
+        rs |= {"obs": out["obs"], "world_state": out["world_state"], "ep_return": ep_return * (1 - done), "key": key}
+
+        def updates(rs):
+            keys = jax.random.split(k_upd, args.updates_per_iteration)
+            rs, metrics = jax.lax.scan(lambda r, k: update(r, iteration, k), rs, keys)
+            return rs, metrics.mean(axis=0), jnp.float32(1.0)
+
+        def no_updates(rs):
+            return rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0)
+
+        learn = ((iteration + 1) * E >= args.learning_starts) & (args.updates_per_iteration > 0)
+        rs, metrics, updated = jax.lax.cond(learn, updates, no_updates, rs)
+        return (rs, ep_stats), (metrics, updated)
+
+    def train_chunk(rs, chunk):
+        iterations = chunk * iters_per_chunk + jnp.arange(iters_per_chunk)
+        # sums over the training episodes that end in this chunk: return, wins, count
+        (rs, (ret_sum, win_sum, count)), (metrics, updated) = jax.lax.scan(
+            iteration_step, (rs, jnp.zeros(3)), iterations
+        )
+        metrics = jnp.where(updated.sum() > 0, (metrics * updated[:, None]).sum(axis=0) / updated.sum(), jnp.nan)
+        metrics = dict(zip(UPDATE_METRICS, metrics, strict=True))
+        train = {"train_return": ret_sum / count, "train_win_rate": win_sum / count}
+        return rs, metrics | jax.tree.map(lambda x: jnp.where(count > 0, x, jnp.nan), train)
+
+    def evaluate(actor, seed, global_step):
+        """Mean return and win rate of --num-eval-episodes episodes with the stochastic policy (Sec. 5).
+
+        Each env plays one episode (at most 101 steps); what follows its end is masked. The key depends only on
+        (seed, global_step), so --eval-only on a saved model reproduces the numbers.
+        """
+        key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
+        obs, _, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
+
+        def step(carry, key):
+            obs, env_state, running, ret, won = carry
+            k_act, k_env = jax.random.split(key)
+            keys = jax.random.split(k_env, args.num_eval_episodes)
+            out = jax.vmap(env.step)(keys, env_state, act(actor, obs, k_act))
+            ret, won = ret + running * out["reward"], won + running * out["won"]
+            return (out["obs"], out["state"], running * (1.0 - out["done"]), ret, won), None
+
+        carry = (obs, env_state, *jnp.zeros((3, args.num_eval_episodes)).at[0].set(1.0))
+        (*_, ret, won), _ = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
+        return ret.mean(), won.mean()
+
+    return init, train_chunk, evaluate, iters_per_chunk * E, num_iterations // iters_per_chunk
+
+
+# TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
+def stats(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
+
+
+def plot_curve(rows: list[dict], path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["global_step"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, names, ylabel in (
+        (axes[0], ("episodic_return", "train_return"), "return (max 2.0)"),
+        (axes[1], ("win_rate", "train_win_rate"), "win rate"),
+    ):
+        for name, color, label in zip(
+            names, ("tab:blue", "tab:gray"), ("eval (stochastic policy)", "training"), strict=True
+        ):
+            by_step = [[r[name] for r in rows if r["global_step"] == s] for s in steps]  # "" where nothing was logged
+            values = np.array([[np.nan if v == "" else float(v) for v in vs] for vs in by_step])
+            if np.all(np.isnan(values)):
+                continue
+            mean, std = values.mean(axis=1), values.std(axis=1)  # NaN (no data) leaves a gap
+            ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel}, mean and std of {values.shape[1]} seeds")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args: Args) -> int:
+    if error := validate(args):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    if args.eval_only:  # the policy's architecture and map come from the checkpoint
+        args = replace(args, **{k: ckpt["config"][k] for k in POLICY_FIELDS})
+        args = replace(args, num_seeds=int(jax.tree.leaves(ckpt["actor"])[0].shape[0]))
+    env_id = f"SMAX_{args.map}"
+    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    script_start = time.time()
+
+    env = SMAXArrays(args.map)
+    init, train_chunk, evaluate, steps_per_chunk, num_chunks = make_train(args, env)
+    seeds = jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed
+    # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
+    rs_shape = jax.eval_shape(jax.vmap(init), seeds)
+    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None)))
+    evaluate = evaluate.lower(rs_shape["learner"]["actor"], seeds, jnp.int32(0)).compile()
+    wandb_runs = []
+    if args.track:  # one W&B run per seed, grouped by run name: seeds are never averaged silently
+        import wandb
+
+        for s in seeds.tolist():
+            config, name = {**asdict(args), "lane_seed": s}, f"{run_name}__seed{s}"
+            wandb_runs.append(wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name,
+                                         group=run_name, config=config, reinit="create_new"))  # fmt: skip
+    rows = []
+    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+    writer = csv.DictWriter(metrics_file, fieldnames=("global_step", "seed", *METRICS, "sps", "wall_time"))
+    writer.writeheader()
+
+    def log(global_step: int, metrics: dict, sps: float, wall_time: float):
+        for i, s in enumerate(seeds.tolist()):
+            row = {"global_step": global_step, "seed": s, **{k: float(metrics[k][i]) for k in metrics}}
+            row = {**{k: "" for k in METRICS}, **row, "sps": round(sps, 1), "wall_time": round(wall_time, 2)}
+            writer.writerow(row)
+            rows.append(row)
+            if wandb_runs:
+                wandb_runs[i].log({k: v for k, v in row.items() if v != ""}, step=global_step)
+        metrics_file.flush()
+
+    if args.eval_only:
+        global_step = int(ckpt["global_step"])
+        returns, wins = map(np.asarray, evaluate(ckpt["actor"], seeds, jnp.int32(global_step)))
+        log(global_step, {"episodic_return": returns, "win_rate": wins}, 0.0, time.time() - script_start)
+        final, final_win, best = returns, wins, returns
+        sps, total_timesteps = 0.0, global_step
+        print(f"eval-only {args.checkpoint} at global_step {global_step}: return per seed {returns.tolist()}, "
+              f"win rate per seed {wins.tolist()}")  # fmt: skip
+    else:
+        from tqdm import tqdm
+
+        buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rs_shape["buffer"])) / 1e9
+        print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim}, world state {env.state_dim}; "
+              f"replay buffer {buffer_gb:.2f} GB for {args.num_seeds} seed(s); compiling...", flush=True)  # fmt: skip
+        rs = jax.jit(jax.vmap(init))(seeds)
+        train_chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)), donate_argnums=0)
+        train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()  # compile once, outside the timed loop
+        print(f"compiled in {time.time() - script_start:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps/seed")
+        start, final, best, best_mean = time.time(), None, None, -np.inf
+        bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
+        for chunk in range(num_chunks):
+            try:
+                rs, metrics = train_chunk(rs, jnp.int32(chunk))
+                returns, wins = evaluate(rs["learner"]["actor"], seeds, jnp.int32((chunk + 1) * steps_per_chunk))
+                metrics = jax.device_get({"episodic_return": returns, "win_rate": wins, **metrics})
+            except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
+                bar.close()
+                print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
+                return 130
+            global_step = (chunk + 1) * steps_per_chunk
+            elapsed = time.time() - start
+            sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
+            log(global_step, metrics, sps, elapsed)
+            final, final_win = metrics["episodic_return"], metrics["win_rate"]
+            if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
+                best, best_mean = final, final.mean()
+            bar.update(steps_per_chunk)
+            bar.set_postfix(eval=f"{final.mean():.2f}", win=f"{final_win.mean():.2f}")
+        bar.close()
+        total_timesteps = global_step  # --total-timesteps rounded down to whole chunks
+        if args.save_model:
+            ckpt = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
+            with open(os.path.join(run_dir, "model.flax"), "wb") as f:
+                f.write(flax.serialization.to_bytes(ckpt))
+    metrics_file.close()
+    plot_curve(rows, os.path.join(run_dir, "learning_curve.png"), f"DDPL on SMAX {args.map}")
+    summary = {
+        "script": os.path.basename(__file__),
+        "env_id": env_id,
+        "total_timesteps": total_timesteps,
+        "num_seeds": args.num_seeds,
+        "final_eval_return": stats(final),
+        "best_eval_return": stats(best),
+        "final_win_rate": stats(final_win),
+        "wall_time_s": round(time.time() - script_start, 2),
+        "sps": round(sps, 1),
+        "eval_only": args.eval_only,
+    }
+    # summary.json last: its presence marks a complete run folder
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    for run in wandb_runs:
+        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+        run.finish()
+    final_return, win = summary["final_eval_return"], summary["final_win_rate"]
+    print(f"final eval return {final_return['mean']:.3f} +- {final_return['std']:.3f}, "
+          f"win rate {win['mean']:.2f} +- {win['std']:.2f}")  # fmt: skip
+    print(f"wrote {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
