@@ -29,6 +29,7 @@ from jaxmarl.registration import registered_envs
 
 NOISE_SCHEDULES = ("linear", "cosine", "vp")
 METRICS = ("episodic_return", "train_return", "critic_loss", "actor_loss", "q_mean", "max_weight")
+PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
 POLICY_FIELDS = ("env_id", "hidden_size", "num_diffusion_steps", "noise_schedule")  # what a checkpoint fixes
 
 
@@ -98,6 +99,8 @@ class Args:
     """environment steps between evaluations (one jitted chunk of training each)"""
     num_eval_episodes: int = 50
     """episodes per seed and evaluation, stochastic policy (paper Sec. 5)"""
+    probe_every: int = 0
+    """env steps between probes of the action distribution at a fixed state (0: off); a multiple of --eval-every"""
 
 
 def parse_args() -> Args:
@@ -164,6 +167,9 @@ def validate(args: Args) -> str | None:
     if not args.num_envs <= args.eval_every <= args.total_timesteps:
         got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
         return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
+    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
+    if args.probe_every < 0 or args.probe_every % chunk:
+        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
     if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
         return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
     if args.learning_rate_end <= 0:
@@ -515,7 +521,14 @@ def make_train(args: Args, env: MPEArrays):
         (*_, ret), _ = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
         return ret.mean()
 
-    return init, train_chunk, evaluate, iters_per_chunk * E, num_iterations // iters_per_chunk
+    def probe(actor, seed):
+        """--probe-every: PROBE_SAMPLES actions of every agent at the probe state, (N, PROBE_SAMPLES, A). The probe
+        state is the reset drawn with split(PRNGKey(seed))[0]: the same at every probe and in the ablation script."""
+        k_reset, k_act = jax.random.split(jax.random.PRNGKey(seed))
+        obs = jnp.broadcast_to(env.reset(k_reset)[0], (PROBE_SAMPLES, N, D))
+        return jnp.swapaxes(act(actor, obs, k_act), 0, 1)
+
+    return init, train_chunk, evaluate, probe, iters_per_chunk * E, num_iterations // iters_per_chunk
 
 
 # TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
@@ -549,6 +562,31 @@ def plot_curve(rows: list[dict], path: str, title: str):
     plt.close(fig)
 
 
+def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
+    """Fig. 4 right analogue: per class and probe step, agents 0 and 1's actions (dims `dims`) at the probe state."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(probes)
+    steps = probes[labels[0]]["steps"]
+    fig, axes = plt.subplots(len(labels), len(steps), figsize=(2.6 * len(steps), 2.6 * len(labels)), squeeze=False)
+    for row, label in enumerate(labels):
+        for col, step in enumerate(steps):
+            ax = axes[row][col]
+            for agent, color in ((0, "tab:blue"), (1, "tab:red")):
+                a = probes[label]["actions"][col, 0, min(agent, probes[label]["actions"].shape[2] - 1)]  # seed lane 0
+                ax.scatter(a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}")
+            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
+            ax.set_title(f"{label}, {step:,} steps", fontsize=8)
+    axes[0][0].legend(fontsize=7, markerscale=4)
+    fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(args: Args) -> int:
     if error := validate(args):
         print(f"error: {error}", file=sys.stderr)
@@ -565,7 +603,7 @@ def main(args: Args) -> int:
     script_start = time.time()
 
     env = MPEArrays(args.env_id)
-    init, train_chunk, evaluate, steps_per_chunk, num_chunks = make_train(args, env)
+    init, train_chunk, evaluate, probe, steps_per_chunk, num_chunks = make_train(args, env)
     seeds = jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed
     # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
     actor_shape = jax.eval_shape(jax.vmap(init), seeds)["learner"]["actor"]
@@ -608,6 +646,9 @@ def main(args: Args) -> int:
         train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()  # compile once, outside the timed loop
         print(f"compiled in {time.time() - script_start:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps/seed")
         start, final, best, best_mean = time.time(), None, None, -np.inf
+        probe, probes, probe_steps = jax.jit(jax.vmap(probe)), [], []
+        if args.probe_every:  # before the first update, then every --probe-every env steps
+            probes, probe_steps = [np.asarray(probe(rs["learner"]["actor"], seeds))], [0]
         bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
         for chunk in range(num_chunks):
             try:
@@ -625,9 +666,17 @@ def main(args: Args) -> int:
             final = metrics["episodic_return"]
             if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
                 best, best_mean = final, final.mean()
+            if args.probe_every and global_step % args.probe_every == 0:
+                probes.append(np.asarray(probe(rs["learner"]["actor"], seeds)))
+                probe_steps.append(global_step)
             bar.update(steps_per_chunk)
             bar.set_postfix(eval=f"{final.mean():.2f}", train=f"{np.mean(metrics['train_return']):.2f}")
         bar.close()
+        if probes:  # (probe, seed, agent, sample, action dim)
+            probes = {"diffusion": {"steps": probe_steps, "actions": np.stack(probes)}}
+            np.savez(os.path.join(run_dir, "probes.npz"), steps=probe_steps, actions=probes["diffusion"]["actions"])
+            dims = (1, 2)  # left and right force
+            plot_probes(probes, dims, os.path.join(run_dir, "probe.png"), args.env_id)
         total_timesteps = global_step  # --total-timesteps rounded down to whole chunks
         if args.save_model:
             ckpt = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}

@@ -48,10 +48,11 @@ def start_cli(*flags, cwd):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two identical tiny training runs with 2 seeds, side by side (one core each); the first saves its model."""
+    """Two identical tiny training runs with 2 seeds, side by side (one core each); the first saves its model and
+    probes its policies (which must not change training: test_same_seed_same_metrics)."""
     tmp = tmp_path_factory.mktemp("train")
     procs = [
-        start_cli(*TINY, "--save-model", "--runs-dir", str(tmp / "a"), cwd=tmp),
+        start_cli(*TINY, "--save-model", "--probe-every", "400", "--runs-dir", str(tmp / "a"), cwd=tmp),
         start_cli(*TINY, "--runs-dir", str(tmp / "b"), cwd=tmp),
     ]
     for proc in procs:
@@ -84,6 +85,15 @@ def test_run_folder_is_complete(trained):
         assert np.isfinite(float(r["critic_loss"])) and np.isfinite(float(r["actor_loss"]))
         assert 0.25 <= float(r["max_weight"]) <= 1.0
         assert -60.0 < float(r["episodic_return"]) < 0.0  # MPE rewards are negative distances
+
+
+def test_probe_records_the_action_distribution(trained):
+    probes = np.load(trained / "probes.npz")
+    assert list(probes["steps"]) == [0, 400, 800]
+    actions = probes["actions"]  # (probe, seed, agent, sample, action dim)
+    assert actions.shape == (3, 2, 2, ddpl_mpe.PROBE_SAMPLES, 15) and np.abs(actions).max() <= 1.0
+    assert not np.array_equal(actions[0], actions[-1])  # the policies learned in between
+    assert (trained / "probe.png").is_file()
 
 
 def test_eval_only_reproduces_final_eval(trained, tmp_path):

@@ -47,7 +47,8 @@ def runs(tmp_path_factory):
     """Side by side (one core each): 3s_vs_5z with 2 seeds saving its model, and 6h_vs_8z with 1 seed."""
     tmp = tmp_path_factory.mktemp("train")
     procs = {
-        "3s_vs_5z": start_cli(*TINY, "--num-seeds", "2", "--seed", "3", "--save-model", "--runs-dir", str(tmp / "a"),
+        "3s_vs_5z": start_cli(*TINY, "--num-seeds", "2", "--seed", "3", "--save-model", "--probe-every", "200",
+                              "--runs-dir", str(tmp / "a"),
                               cwd=tmp),
         "6h_vs_8z": start_cli(*TINY, "--map", "6h_vs_8z", "--runs-dir", str(tmp / "b"), cwd=tmp),
     }  # fmt: skip
@@ -81,6 +82,14 @@ def test_run_folder_is_complete(runs, map_name, num_seeds):
         assert 0.0 < float(r["alive_fraction"]) <= 1.0
     # 200 steps of 4 envs contain finished episodes (random play lasts 23-101 steps)
     assert any(r["train_return"] != "" and 0.0 <= float(r["train_return"]) <= 2.0 for r in rows)
+
+
+def test_probe_records_the_action_distribution(runs):
+    probes = np.load(runs["3s_vs_5z"] / "probes.npz")
+    assert list(probes["steps"]) == [0, 200, 400]
+    actions = probes["actions"]  # (probe, seed, agent, sample, action dim)
+    assert actions.shape == (3, 2, 3, ddpl_smax.PROBE_SAMPLES, 4) and np.abs(actions).max() <= 1.0
+    assert not (runs["6h_vs_8z"] / "probes.npz").exists()  # off by default
 
 
 def test_eval_only_reproduces_final_eval(runs, tmp_path):
