@@ -1,0 +1,870 @@
+"""DDPL's policy-class ablation (arXiv 2605.07101, Sec. 5 "Ablation study", Fig. 4): diffusion vs Gaussian policies.
+
+The same Algorithm 2 loop, averaged-Q critics, replay buffer and hyperparameters as ddpl_mpe.py and ddpl_smax.py;
+only the policy class changes. `--policy gaussian` (the default) uses a diagonal Gaussian per agent, projected onto
+the same DecSPG target pi^t exp(eta Qbar_i) by reverse KL (`--projection reverse`, the paper's Thm 3.1) or by
+weighted maximum likelihood on the ISSM weights (`--projection forward`, ours). `--policy diffusion` is DDPL itself.
+`--compare` trains both classes with the same seeds and budget and draws them in one figure; `--probe-every` records
+the action distribution at a fixed state during training (the Fig. 4 right analogue).
+Flags, metrics, choices and measured numbers: docs/ddpl_gaussian_ablation.md.
+"""
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jaxmarl
+import numpy as np
+import optax
+import tyro
+from jaxmarl.environments.smax import map_name_to_scenario
+from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
+from jaxmarl.registration import registered_envs
+
+NOISE_SCHEDULES = ("linear", "cosine", "vp")
+ENVS, POLICIES, PROJECTIONS = ("mpe", "smax"), ("gaussian", "diffusion"), ("reverse", "forward")
+UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "action_std")
+PROBE_SAMPLES = 512  # actions drawn per agent and probe
+
+
+@dataclass
+class Args:
+    exp_name: str = "ddpl_gaussian_ablation"
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 0
+    """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
+    num_seeds: int = 1
+    """independent runs, vmapped in one process"""
+    track: bool = False
+    """log to Weights & Biases as well (one W&B run per seed and policy class)"""
+    wandb_project_name: str = "ddpl"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team); None: your default"""
+    runs_dir: str = "runs"
+    """parent folder of the run folder"""
+
+    # What is compared
+    env: str = "mpe"
+    """mpe (JaxMARL MPE, --env-id) or smax (HeuristicEnemySMAX, --map)"""
+    env_id: str = "MPE_simple_reference_v3"
+    """with --env mpe: a JaxMARL MPE scenario that accepts action_type="Continuous" (as ddpl_mpe.py)"""
+    map: str = "3s_vs_5z"
+    """with --env smax: an SMAX map (as ddpl_smax.py)"""
+    policy: str = "gaussian"
+    """gaussian (the ablation) or diffusion (DDPL); ignored with --compare, which trains both"""
+    projection: str = "reverse"
+    """how the Gaussian follows pi^t exp(eta Qbar): reverse (KL(pi_theta || target), the paper's) or forward (ours)"""
+    compare: bool = False
+    """train DDPL and the Gaussian variant with the same seeds and budget, one after the other, and compare them"""
+    probe_every: int = 0
+    """env steps between probes of the action distribution at a fixed state (0: off); a multiple of --eval-every"""
+
+    # Algorithm specific arguments (the DDPL scripts' defaults)
+    total_timesteps: int = 2_000_000
+    """environment steps per seed (each of the --num-envs envs counts)"""
+    num_envs: int = 20
+    """parallel envs, each stepped once per iteration (Table 3 "rollout batch size")"""
+    buffer_size: int = 200_000
+    """replay buffer capacity in transitions (ours); circular"""
+    learning_starts: int = 10_000
+    """environment steps of uniform random actions before the first update (ours)"""
+    updates_per_iteration: int = 1
+    """U: gradient updates after each vector step (ours)"""
+    batch_size: int = 256
+    """transitions per update (Table 3)"""
+    gamma: float = 0.99
+    """discount factor (ours)"""
+    tau: float = 0.005
+    """Polyak rate of the target critics (Table 3 "smoothing parameter")"""
+    learning_rate: float = 1e-4
+    """Adam learning rate of actors and critics at the start, decayed linearly (Table 3)"""
+    learning_rate_end: float = 5e-5
+    """Adam learning rate at the last update (Table 3)"""
+    hidden_size: int = 256
+    """width of the 3 mish layers of score networks, Gaussian actors and critics (Table 3)"""
+    num_diffusion_steps: int = 20
+    """K: denoising steps of the diffusion policies (Table 3)"""
+    noise_schedule: str = "cosine"
+    """linear, cosine or vp (ours: cosine, as the DDPL scripts)"""
+    eta: float = 1.0
+    """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3), for both classes"""
+    num_action_samples: int = 4
+    """M: actions per state for ISSM, the reverse-KL expectation and the forward fit (ours); >= 2"""
+    standardize_q: bool = True
+    """standardise Qbar over each state's M samples before eta multiplies it (ours), for both classes"""
+    reward_scale: float = 1.0
+    """multiplies rewards in the TD target (ours)"""
+    team_reward: bool = True
+    """MPE: critics learn the mean reward over agents (identical interest); SMAX's reward is one team reward"""
+    eval_every: int = 20_000
+    """environment steps between evaluations (one jitted chunk of training each)"""
+    num_eval_episodes: int = 50
+    """episodes per seed and evaluation, stochastic policy (paper Sec. 5)"""
+
+
+def parse_args() -> Args:
+    """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if e.code:
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
+            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise
+
+
+def is_continuous_mpe(env_id: str) -> bool:
+    """A registered JaxMARL MPE scenario whose constructor accepts action_type="Continuous"."""
+    if not env_id.startswith("MPE_") or env_id not in registered_envs:
+        return False
+    try:
+        return bool(jaxmarl.make(env_id, action_type="Continuous"))
+    except Exception:  # e.g. the facmac scenarios: continuous already, but they reject the keyword
+        return False
+
+
+def validate(args: Args) -> str | None:
+    """Return a one-line description of the first invalid flag, or None. Runs before anything is written."""
+    choices = {"env": ENVS, "policy": POLICIES, "projection": PROJECTIONS, "noise_schedule": NOISE_SCHEDULES}
+    for name, valid in choices.items():
+        if getattr(args, name) not in valid:
+            return f"--{name.replace('_', '-')}: unknown {getattr(args, name)!r}; choose from {', '.join(valid)}"
+    if args.env == "mpe" and not is_continuous_mpe(args.env_id):
+        valid = [e for e in registered_envs if is_continuous_mpe(e)]
+        return f"--env-id: unknown {args.env_id!r}; valid ids: {', '.join(valid)}"
+    if args.env == "smax" and args.map not in MAP_NAME_TO_SCENARIO:
+        return f"--map: unknown SMAX map {args.map!r}; valid maps: {', '.join(sorted(MAP_NAME_TO_SCENARIO))}"
+    if args.num_action_samples < 2:
+        return f"--num-action-samples must be >= 2 (per-state normalised weights), got {args.num_action_samples}"
+    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
+    minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+    if not args.num_envs <= args.eval_every <= args.total_timesteps:
+        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
+        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
+    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
+    if args.probe_every < 0 or args.probe_every % chunk:
+        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
+    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
+    if args.learning_rate_end <= 0:
+        return "--learning-rate-end must be > 0"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track needs the wandb package (pip install wandb), which is not installed"
+    return None
+
+
+# ALGO LOGIC: environment glue. Both envs are seen through one interface: obs (N, obs_dim) per agent, a global state
+# for the critics, learner actions in [-1, 1]^(N, act_dim), rewards (N,), and the transition's flags.
+class MPEArrays:
+    """A JaxMARL MPE env (ddpl_mpe.py's glue): the global state is all observations concatenated, episodes end only
+    at the time limit (never terminal), nobody dies. Smaller observations or actions are zero-padded."""
+
+    def __init__(self, env_id: str, team_reward: bool):
+        self.env, self.team_reward = jaxmarl.make(env_id, action_type="Continuous"), team_reward
+        self.agents = self.env.agents
+        self.num_agents = len(self.agents)
+        self.obs_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
+        self.act_dims = [self.env.action_space(a).shape[0] for a in self.agents]
+        self.obs_dim, self.act_dim = max(self.obs_dims), max(self.act_dims)
+        self.state_dim = self.num_agents * self.obs_dim
+        self.low = [jnp.broadcast_to(jnp.asarray(self.env.action_space(a).low, jnp.float32), (d,))
+                    for a, d in zip(self.agents, self.act_dims, strict=True)]  # fmt: skip
+        self.high = [jnp.broadcast_to(jnp.asarray(self.env.action_space(a).high, jnp.float32), (d,))
+                     for a, d in zip(self.agents, self.act_dims, strict=True)]  # fmt: skip
+        self.episode_length = self.env.max_steps + 1  # done is raised when step >= max_steps: 26 steps
+
+    def stack_obs(self, obs: dict) -> jax.Array:
+        dims = zip(self.agents, self.obs_dims, strict=True)
+        return jnp.stack([jnp.pad(obs[a], (0, self.obs_dim - d)) for a, d in dims])
+
+    def reset(self, key):
+        obs, state = self.env.reset(key)
+        obs = self.stack_obs(obs)
+        return obs, obs.reshape(-1), state
+
+    def step(self, key, state, action) -> dict:
+        """One step of one env, keeping the true last observation (see ddpl_mpe.py's MPEArrays.step)."""
+        env_action = {
+            a: lo + 0.5 * (action[i, :d] + 1.0) * (hi - lo)
+            for i, (a, d, lo, hi) in enumerate(zip(self.agents, self.act_dims, self.low, self.high, strict=True))
+        }
+        key, key_reset = jax.random.split(key)
+        obs_st, state_st, reward, dones, _ = self.env.step_env(key, state, env_action)
+        obs_re, _, state_re = self.reset(key_reset)
+        done = dones["__all__"]
+        next_obs = self.stack_obs(obs_st)
+        reward = jnp.stack([reward[a] for a in self.agents])
+        obs = jnp.where(done, obs_re, next_obs)
+        return {
+            "next_obs": next_obs,
+            "next_world_state": next_obs.reshape(-1),
+            "reward": jnp.full_like(reward, reward.mean()) if self.team_reward else reward,
+            "terminal": jnp.float32(0.0),  # time-limit ends only: truncation, never termination
+            "done": done,
+            "won": jnp.bool_(False),
+            "alive": jnp.ones(self.num_agents, bool),
+            "next_alive": jnp.ones(self.num_agents, bool),
+            "obs": obs,
+            "world_state": obs.reshape(-1),
+            "state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st),
+        }
+
+
+class SMAXArrays:
+    """HeuristicEnemySMAX with continuous actions (ddpl_smax.py's glue): the critics see the env's world state, one
+    team reward, terminal when a team is wiped out, win = all enemies dead with an ally alive."""
+
+    ACTION_EPS = 1e-3  # env actions stay in [eps, 1 - eps]: the env samples move-vs-shoot from log(a), log(1 - a)
+
+    def __init__(self, map_name: str):
+        scenario = map_name_to_scenario(map_name)
+        self.env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, action_type="continuous")
+        self.agents = self.env.agents
+        self.num_agents = self.env.num_allies
+        self.obs_dim = self.env.observation_space(self.agents[0]).shape[0]
+        self.state_dim = self.env.state_size
+        self.act_dim = len(self.env.continuous_action_dims)  # 4
+        self.episode_length = self.env.max_steps + 1  # at most 101 steps
+
+    def alive(self, state) -> jax.Array:
+        return state.state.unit_alive[: self.num_agents]  # allies first, then enemies
+
+    def reset(self, key):
+        obs, state = self.env.reset(key)
+        state = jax.tree.map(lambda x: jnp.asarray(x, jnp.asarray(x).dtype), state)  # strong types: one compile
+        return jnp.stack([obs[a] for a in self.agents]), obs["world_state"], state
+
+    def step(self, key, state, action) -> dict:
+        """One step of one env, keeping the true last observation and the win (see ddpl_smax.py's SMAXArrays.step)."""
+        eps = self.ACTION_EPS
+        env_action = jnp.clip(eps + (1.0 - 2.0 * eps) * 0.5 * (action + 1.0), eps, 1.0 - eps)  # the env doesn't clip
+        key, key_reset = jax.random.split(key)
+        obs_st, state_st, reward, dones, _ = self.env.step_env(
+            key, state, {a: env_action[i] for i, a in enumerate(self.agents)}
+        )
+        obs_re, world_state_re, state_re = self.reset(key_reset)
+        done = dones["__all__"]
+        alive = state_st.state.unit_alive
+        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
+        next_obs = jnp.stack([obs_st[a] for a in self.agents])
+        return {
+            "next_obs": next_obs,
+            "next_world_state": obs_st["world_state"],
+            "reward": jnp.full(self.num_agents, reward[self.agents[0]]),  # one team reward
+            "terminal": (allies_dead | enemies_dead).astype(jnp.float32),
+            "done": done,
+            "won": enemies_dead & ~allies_dead,
+            "alive": self.alive(state),
+            "next_alive": self.alive(state_st),
+            "obs": jnp.where(done, obs_re, next_obs),
+            "world_state": jnp.where(done, world_state_re, obs_st["world_state"]),
+            "state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st),
+        }
+
+
+def make_env(args: Args):
+    return SMAXArrays(args.map) if args.env == "smax" else MPEArrays(args.env_id, args.team_reward)
+
+
+def buffer_init(size: int, N: int, D: int, S: int, A: int) -> dict:
+    """Fixed-size replay arrays for N agents, D-dim observations, an S-dim global state and A-dim actions."""
+    shapes = {"obs": (N, D), "world_state": (S,), "action": (N, A), "reward": (N,), "next_obs": (N, D)}
+    shapes |= {"next_world_state": (S,), "terminal": (), "alive": (N,), "next_alive": (N,)}
+    return {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
+
+
+def buffer_add(buffer: dict, transitions: dict, iteration) -> dict:
+    """Circular insert of one vector step (E transitions) at rows iteration * E, ..., mod the buffer size."""
+    size, num = buffer["terminal"].shape[0], transitions["terminal"].shape[0]
+    rows = (iteration * num + jnp.arange(num)) % size
+    return jax.tree.map(lambda b, x: b.at[rows].set(x.astype(b.dtype)), buffer, transitions)
+
+
+# ALGO LOGIC: the Gaussian policy class (ALGORITHM.md sec. 7): N(mu(o), diag sigma(o)^2), actions clipped to the box
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+
+
+class GaussianActor(nn.Module):
+    """mu_theta(o) and log sigma_theta(o): MLP with mish (Table 3's network shape), two linear heads."""
+
+    action_dim: int
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, obs):
+        h = obs
+        for _ in range(self.num_layers):
+            h = mish(nn.Dense(self.hidden)(h))
+        return nn.Dense(self.action_dim)(h), jnp.clip(nn.Dense(self.action_dim)(h), LOG_STD_MIN, LOG_STD_MAX)
+
+
+def gaussian_log_prob(x, mean, log_std):
+    """log N(x; mean, diag exp(log_std)^2), summed over the last axis."""
+    z = (x - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def alive_issm_weights(q, alive, eta, standardize):
+    """ISSM weights (B, M) with rows where the agent is dead at s left out (ddpl_smax.py): mean over the living."""
+    weights = issm_weights(q, eta, standardize) * alive[:, None]
+    return weights * alive.shape[0] / jnp.maximum(alive.sum(), 1.0)
+
+
+def make_policy(args: Args, policy: str, A: int):
+    """The policy class: init(key, D), sample(params, obs, key) -> actions in [-1, 1], and
+    actor_loss(params, old_params, obs, alive, q_fn, key) -> (loss, (max_weight, action_std)).
+
+    old_params is pi^t, the parameters before this update (no gradient flows into them); q_fn(actions (B, M, A)) gives
+    Qbar_i(s, a) (B, M) from the just-updated online critics; alive (B,) in {0, 1} masks rows where the agent is dead.
+    """
+    M = args.num_action_samples
+    if policy == "diffusion":  # DDPL: ISSM on M actions drawn from pi^t (eq. 2), exactly as the DDPL scripts
+        sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
+        net = ScoreNet(action_dim=A, hidden=args.hidden_size)
+
+        def init(key, D):
+            return net.init(key, jnp.zeros((1, A)), jnp.ones(1, jnp.int32), jnp.zeros((1, D)))
+
+        def sample(params, obs, key):
+            return sample_actions(net.apply, params, obs, key, sched, A)
+
+        def actor_loss(params, old_params, obs, alive, q_fn, key):
+            k_prop, k_dsm = jax.random.split(key)
+            proposals = sample(old_params, jnp.broadcast_to(obs[:, None], (obs.shape[0], M, obs.shape[-1])), k_prop)
+            q = q_fn(proposals)
+            weights = alive_issm_weights(q, alive, args.eta, args.standardize_q)
+            loss = dsm_loss(net.apply, params, obs, proposals, k_dsm, sched, weights)
+            max_weight = issm_weights(q, args.eta, args.standardize_q).max(axis=-1).mean()
+            return loss, (max_weight, proposals.std(axis=1).mean())
+
+        return init, sample, actor_loss
+
+    net = GaussianActor(action_dim=A, hidden=args.hidden_size)
+
+    def init(key, D):
+        return net.init(key, jnp.zeros((1, D)))
+
+    def sample(params, obs, key):
+        mean, log_std = net.apply(params, obs)
+        return jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), -1.0, 1.0)
+
+    def standardized(q):  # the same per-state standardisation the ISSM weights use; constants carry no gradient
+        if not args.standardize_q:
+            return q
+        mean, std = q.mean(axis=-1, keepdims=True), q.std(axis=-1, keepdims=True)
+        return (q - jax.lax.stop_gradient(mean)) / jax.lax.stop_gradient(std + 1e-6)
+
+    def actor_loss(params, old_params, obs, alive, q_fn, key):
+        mean, log_std = net.apply(params, obs)
+        old_mean, old_log_std = net.apply(old_params, obs)
+        mask = alive[:, None] / jnp.maximum(alive.mean(), 1e-6)  # mean over the rows where the agent is alive
+        eps = jax.random.normal(key, (obs.shape[0], M, A))
+        if args.projection == "reverse":
+            # min_theta E_{a ~ pi_theta}[log pi_theta(a|o) - log pi^t(a|o) - eta Qbar(s, a)], reparameterised (Thm 3.1)
+            x = mean[:, None] + jnp.exp(log_std)[:, None] * eps
+            q = q_fn(jnp.clip(x, -1.0, 1.0))
+            log_ratio = gaussian_log_prob(x, mean[:, None], log_std[:, None])
+            log_ratio -= gaussian_log_prob(x, old_mean[:, None], old_log_std[:, None])
+            loss = jnp.mean(mask * (log_ratio - args.eta * standardized(q)))
+            x = jnp.clip(x, -1.0, 1.0)
+        else:
+            # forward KL (ours): weighted maximum likelihood of M actions from pi^t with the self-normalised weights
+            x = jnp.clip(old_mean[:, None] + jnp.exp(old_log_std)[:, None] * eps, -1.0, 1.0)
+            q = q_fn(x)
+            weights = alive_issm_weights(q, alive, args.eta, args.standardize_q)
+            loss = -jnp.mean(jnp.sum(weights * gaussian_log_prob(x, mean[:, None], log_std[:, None]), axis=-1))
+        max_weight = issm_weights(q, args.eta, args.standardize_q).max(axis=-1).mean()
+        return loss, (max_weight, x.std(axis=1).mean())  # spread of the M actions per state, as for diffusion
+
+    return init, sample, actor_loss
+
+
+# --- DDPL core: begin ---
+# Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). ALGORITHM.md sec. 3-5.
+def make_noise_schedule(name: str, num_steps: int) -> dict:
+    """Betas b_1..b_K and the DDPM coefficients derived from them (ALGORITHM.md sec. 3)."""
+    K = num_steps
+    if name == "linear":  # Table 3: "linear, start 0.001, end 0.999"
+        betas = jnp.linspace(1e-3, 0.999, K)
+    elif name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008, b clipped at 0.999
+        f = jnp.cos((jnp.arange(K + 1) / K + 0.008) / 1.008 * jnp.pi / 2) ** 2
+        betas = jnp.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    elif name == "vp":  # discretised VP-SDE as in DACER's code, b_min 0.1, b_max 10
+        t = jnp.arange(1, K + 1)
+        betas = 1.0 - jnp.exp(-0.1 / K - 0.5 * (10.0 - 0.1) * (2 * t - 1) / K**2)
+    else:
+        raise ValueError(f"unknown noise schedule {name!r}; choose from linear, cosine, vp")
+    alphas = 1.0 - betas
+    abar = jnp.cumprod(alphas)
+    abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
+    return {
+        "betas": betas,
+        "abar": abar,
+        # posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7)
+        "c1": jnp.sqrt(abar_prev) * betas / (1.0 - abar),
+        "c2": jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar),
+        # sigma_k^2 = b_k (ours): with K = 20 the posterior variance makes broad policies too narrow
+        # (tests/test_core.py::test_sampler_fidelity; ALGORITHM.md sec. 3 "Measured")
+        "sigma": jnp.sqrt(betas),
+    }
+
+
+def mish(x):
+    """x tanh(softplus(x)) with one exp: tanh(log(1 + e^x)) = n / (n + 2), n = e^x (e^x + 2)."""
+    n = jnp.exp(jnp.minimum(x, 20.0))  # for x > 20 the ratio is 1 in float32
+    n = n * (n + 2.0)
+    return x * n / (n + 2.0)
+
+
+class ScoreNet(nn.Module):
+    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o]."""
+
+    action_dim: int
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, x, k, obs):
+        freqs = jnp.exp(-jnp.log(1000.0) * jnp.arange(8) / 8)
+        angles = k[..., None].astype(jnp.float32) * freqs
+        h = jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles), obs], axis=-1)
+        for _ in range(self.num_layers):
+            h = mish(nn.Dense(self.hidden)(h))
+        return nn.Dense(self.action_dim)(h)
+
+
+def sample_actions(apply_fn, params, obs, key, sched, action_dim):
+    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1).
+
+    obs has shape (..., obs_dim); returns actions of shape (..., action_dim). Key use: split(key, K + 1),
+    keys[0] draws x_K and keys[1 + K - k] the noise of step k = K..1 (tests replay this with a Python loop).
+    """
+    K = sched["betas"].shape[0]
+    keys = jax.random.split(key, K + 1)
+    x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
+
+    def step(x, inp):
+        k, step_key = inp  # k runs K..1
+        i = k - 1
+        eps = apply_fn(params, x, jnp.full(x.shape[:-1], k), obs)
+        # x0 prediction clipped to the action box (as in DACER), then the DDPM posterior mean
+        x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
+        noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
+        return sched["c1"][i] * x0 + sched["c2"][i] * x + noise, None
+
+    x_0, _ = jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))
+    return jnp.clip(x_0, -1.0, 1.0)
+
+
+def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
+    """Denoising score matching (eq. 1) on x0 of shape (B, M, d) with obs (B, obs_dim).
+
+    weights (B, M), if given, replace the plain mean over the M samples of each state (ISSM, eq. 2).
+    """
+    B, M, d = x0.shape
+    K = sched["betas"].shape[0]
+    k_key, eps_key = jax.random.split(key)
+    k = jax.random.randint(k_key, (B, M), 1, K + 1)
+    eps = jax.random.normal(eps_key, x0.shape)
+    abar = sched["abar"][k - 1][..., None]
+    x_k = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+    obs_m = jnp.broadcast_to(obs[:, None, :], (B, M, obs.shape[-1]))
+    per_sample = jnp.sum((apply_fn(params, x_k, k, obs_m) - eps) ** 2, axis=-1)
+    if weights is None:
+        weights = jnp.full((B, M), 1.0 / M)
+    return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
+
+
+def issm_weights(q, eta, standardize):
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j)) over the M samples of a state.
+
+    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). standardize
+    divides Qbar by its per-state std over the M samples first, which makes eta scale-free (ours).
+    """
+    if standardize:
+        q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
+    return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
+
+
+def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, standardize):
+    """ISSM (eq. 2): DSM on M actions drawn from pi^t per state, weighted toward pi^t exp(eta Qbar)."""
+    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, standardize))
+
+
+class TwinCritic(nn.Module):
+    """Twin averaged-Q critics Qbar_i(s, a_i): global state and the agent's OWN action (Alg. 2, line 5)."""
+
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, state, action):
+        qs = []
+        for _ in range(2):
+            h = jnp.concatenate([state, action], axis=-1)
+            for _ in range(self.num_layers):
+                h = mish(nn.Dense(self.hidden)(h))
+            qs.append(nn.Dense(1)(h)[..., 0])
+        return qs[0], qs[1]
+
+
+# --- DDPL core: end ---
+
+
+# ALGO LOGIC: Algorithm 2 with a pluggable policy class. One iteration: every env steps once, then U updates.
+def make_train(args: Args, env, policy: str):
+    """Returns init(seed), train_chunk(state, chunk), evaluate(actor, seed, step) and probe(actor, seed), all per seed.
+
+    The ddpl_smax.py loop, written once for both envs: MPE is the special case with no deaths, no wins and the
+    concatenated observations as global state.
+    """
+    N, D, S, A = env.num_agents, env.obs_dim, env.state_dim, env.act_dim
+    E, B = args.num_envs, args.batch_size
+    iters_per_chunk = args.eval_every // E
+    num_iterations = (args.total_timesteps // (iters_per_chunk * E)) * iters_per_chunk
+    num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
+    init_actor, sample, actor_loss = make_policy(args, policy, A)
+    critic_net = TwinCritic(hidden=args.hidden_size)
+    tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))  # Table 3
+
+    def act(actor, obs, key):
+        """Decentralized execution: agent i samples a_i ~ pi_i(.|o_i). obs (..., N, D) -> actions (..., N, A)."""
+        actions = jax.vmap(sample)(actor, jnp.moveaxis(obs, -2, 0), jax.random.split(key, N))
+        return jnp.moveaxis(actions, 0, -2)
+
+    def init(seed):
+        key, k_actor, k_critic, k_env = jax.random.split(jax.random.PRNGKey(seed), 4)
+        actor = jax.vmap(init_actor, (0, None))(jax.random.split(k_actor, N), D)
+        critic = jax.vmap(critic_net.init, (0, None, None))(
+            jax.random.split(k_critic, N), jnp.zeros((1, S)), jnp.zeros((1, A))
+        )
+        learner = {"actor": actor, "critic": critic, "critic_target": critic}
+        learner |= {"actor_opt": jax.vmap(tx.init)(actor), "critic_opt": jax.vmap(tx.init)(critic)}
+        obs, world_state, env_state = jax.vmap(env.reset)(jax.random.split(k_env, E))
+        rs = {"learner": learner, "buffer": buffer_init(args.buffer_size, N, D, S, A), "env_state": env_state}
+        return rs | {"obs": obs, "world_state": world_state, "ep_return": jnp.zeros(E), "key": key}
+
+    def update_agent(p, mine, shared, key):
+        """One critic step and one policy step of one agent (vmapped over agents); dead agents as in ddpl_smax.py."""
+        k_next, k_actor = jax.random.split(key)
+        next_action = sample(p["actor"], mine["next_obs"], k_next) * mine["next_alive"][:, None]
+        q_next = jnp.minimum(*critic_net.apply(p["critic_target"], shared["next_state"], next_action))
+        y = mine["reward"] * args.reward_scale + args.gamma * (1.0 - shared["terminal"]) * q_next
+        action = mine["action"] * mine["alive"][:, None]
+
+        def critic_loss(params):
+            q1, q2 = critic_net.apply(params, shared["state"], action)
+            return jnp.mean((q1 - y) ** 2) + jnp.mean((q2 - y) ** 2), q1.mean()
+
+        (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(p["critic"])
+        updates, critic_opt = tx.update(grads, p["critic_opt"])
+        critic = optax.apply_updates(p["critic"], updates)
+
+        def q_fn(actions):  # Qbar_i = min of the twin ONLINE critics, just updated (as the DDPL scripts)
+            states = jnp.broadcast_to(shared["state"][:, None], (*actions.shape[:2], S))
+            return jnp.minimum(*critic_net.apply(critic, states, actions))
+
+        old = jax.lax.stop_gradient(p["actor"])  # pi^t
+        (a_loss, (max_weight, action_std)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
+            p["actor"], old, mine["obs"], mine["alive"], q_fn, k_actor
+        )
+        updates, actor_opt = tx.update(grads, p["actor_opt"])
+        actor = optax.apply_updates(p["actor"], updates)
+        critic_target = optax.incremental_update(critic, p["critic_target"], args.tau)  # Polyak (Table 3)
+        p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target}
+        return p | {"critic_opt": critic_opt}, jnp.stack([c_loss, a_loss, q_mean, max_weight, action_std])
+
+    def update(rs, iteration, key):
+        k_idx, k_agents = jax.random.split(key)
+        filled = jnp.minimum((iteration + 1) * E, args.buffer_size)
+        batch = jax.tree.map(lambda x: x[jax.random.randint(k_idx, (B,), 0, filled)], rs["buffer"])
+        agent_keys = ("obs", "action", "reward", "next_obs", "alive", "next_alive")
+        mine = {k: jnp.swapaxes(batch[k], 0, 1) for k in agent_keys}  # agents first
+        shared = {"state": batch["world_state"], "next_state": batch["next_world_state"], "terminal": batch["terminal"]}
+        learner, metrics = jax.vmap(update_agent, in_axes=(0, 0, None, 0))(
+            rs["learner"], mine, shared, jax.random.split(k_agents, N)
+        )
+        return rs | {"learner": learner}, metrics.mean(axis=0)
+
+    def iteration_step(carry, iteration):
+        rs, ep_stats = carry
+        key, k_act, k_env, k_upd = jax.random.split(rs["key"], 4)
+        action = jax.lax.cond(
+            iteration * E < args.learning_starts,  # warm-up: uniform random actions
+            lambda: jax.random.uniform(k_act, (E, N, A), minval=-1.0, maxval=1.0),
+            lambda: act(rs["learner"]["actor"], rs["obs"], k_act),
+        )
+        out = jax.vmap(env.step)(jax.random.split(k_env, E), rs["env_state"], action)
+        transitions = {"obs": rs["obs"], "world_state": rs["world_state"], "action": action}
+        transitions |= {
+            k: out[k] for k in ("reward", "terminal", "alive", "next_alive", "next_obs", "next_world_state")
+        }
+        ep_return, done = rs["ep_return"] + out["reward"].mean(axis=-1), out["done"]
+        ep_stats = ep_stats + jnp.stack([jnp.sum(ep_return * done), jnp.sum(out["won"] & done), jnp.sum(done)])
+        rs |= {"buffer": buffer_add(rs["buffer"], transitions, iteration), "env_state": out["state"]}
+        rs |= {"obs": out["obs"], "world_state": out["world_state"], "ep_return": ep_return * (1 - done), "key": key}
+
+        def updates(rs):
+            rs, metrics = jax.lax.scan(
+                lambda r, k: update(r, iteration, k), rs, jax.random.split(k_upd, args.updates_per_iteration)
+            )
+            return rs, metrics.mean(axis=0), jnp.float32(1.0)
+
+        def no_updates(rs):
+            return rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0)
+
+        learn = ((iteration + 1) * E >= args.learning_starts) & (args.updates_per_iteration > 0)
+        rs, metrics, updated = jax.lax.cond(learn, updates, no_updates, rs)
+        return (rs, ep_stats), (metrics, updated)
+
+    def train_chunk(rs, chunk):
+        iterations = chunk * iters_per_chunk + jnp.arange(iters_per_chunk)
+        (rs, (ret_sum, win_sum, count)), (metrics, updated) = jax.lax.scan(
+            iteration_step, (rs, jnp.zeros(3)), iterations
+        )
+        metrics = jnp.where(updated.sum() > 0, (metrics * updated[:, None]).sum(axis=0) / updated.sum(), jnp.nan)
+        train = {"train_return": ret_sum / count, "train_win_rate": win_sum / count}
+        return rs, dict(zip(UPDATE_METRICS, metrics, strict=True)) | jax.tree.map(
+            lambda x: jnp.where(count > 0, x, jnp.nan), train
+        )
+
+    def evaluate(actor, seed, global_step):
+        """Mean return (per agent) and win rate of --num-eval-episodes episodes, stochastic policy (Sec. 5)."""
+        key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
+        obs, _, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
+
+        def step(carry, key):
+            obs, env_state, running, ret, won = carry
+            k_act, k_env = jax.random.split(key)
+            keys = jax.random.split(k_env, args.num_eval_episodes)
+            out = jax.vmap(env.step)(keys, env_state, act(actor, obs, k_act))
+            ret, won = ret + running * out["reward"].mean(axis=-1), won + running * out["won"]
+            return (out["obs"], out["state"], running * (1.0 - out["done"]), ret, won), None
+
+        carry = (obs, env_state, *jnp.zeros((3, args.num_eval_episodes)).at[0].set(1.0))
+        (*_, ret, won), _ = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
+        return ret.mean(), won.mean()
+
+    def probe(actor, seed):
+        """PROBE_SAMPLES actions of every agent at the probe state, (N, PROBE_SAMPLES, A). The probe state is the
+        reset state drawn with split(PRNGKey(seed))[0]: the same at every probe of a run and for both classes."""
+        k_reset, k_act = jax.random.split(jax.random.PRNGKey(seed))  # the same keys at every probe
+        obs, _, _ = env.reset(k_reset)
+        return jax.vmap(sample)(
+            actor, jnp.broadcast_to(obs[:, None], (N, PROBE_SAMPLES, D)), jax.random.split(k_act, N)
+        )
+
+    return init, train_chunk, evaluate, probe, iters_per_chunk * E, num_iterations // iters_per_chunk
+
+
+# TRY NOT TO MODIFY: logging, the comparison figure, the probe figure and the summary
+def stats(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
+
+
+def plot_curves(rows: list[dict], labels: list[str], path: str, title: str, with_wins: bool):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("episodic_return", "eval return per agent")] + ([("win_rate", "eval win rate")] if with_wins else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, ylabel) in zip(axes[0], panels, strict=True):
+        for label, color in zip(labels, ("tab:blue", "tab:orange", "tab:green"), strict=False):
+            mine = [r for r in rows if r["policy"] == label]
+            steps = sorted({r["global_step"] for r in mine})
+            values = np.array([[float(r[name]) for r in mine if r["global_step"] == s] for s in steps])
+            mean, std = values.mean(axis=1), values.std(axis=1)
+            ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
+    """Fig. 4 right analogue: per class and probe step, agents 0 and 1's actions (dims `dims`) at the probe state."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(probes)
+    steps = probes[labels[0]]["steps"]
+    fig, axes = plt.subplots(len(labels), len(steps), figsize=(2.6 * len(steps), 2.6 * len(labels)), squeeze=False)
+    for row, label in enumerate(labels):
+        for col, step in enumerate(steps):
+            ax = axes[row][col]
+            for agent, color in ((0, "tab:blue"), (1, "tab:red")):
+                a = probes[label]["actions"][col, 0, min(agent, probes[label]["actions"].shape[2] - 1)]  # seed lane 0
+                ax.scatter(a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}")
+            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
+            ax.set_title(f"{label}, {step:,} steps", fontsize=8)
+    axes[0][0].legend(fontsize=7, markerscale=4)
+    fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_one(args: Args, env, policy: str, label: str, seeds, log, bar_desc: str):
+    """Train one policy class for all seeds; returns final/best eval arrays, sps and the probes."""
+    from tqdm import tqdm
+
+    start_compile = time.time()
+    init, train_chunk, evaluate, probe, steps_per_chunk, num_chunks = make_train(args, env, policy)
+    rs = jax.jit(jax.vmap(init))(seeds)
+    train_chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)), donate_argnums=0)
+    train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()
+    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None)))
+    probe = jax.jit(jax.vmap(probe))
+    print(f"{label}: compiled in {time.time() - start_compile:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps")
+    start, best, best_mean, probes, probe_steps = time.time(), None, -np.inf, [], []
+    bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=bar_desc)
+    if args.probe_every:  # before the first update, then every --probe-every env steps
+        probes.append(np.asarray(probe(rs["learner"]["actor"], seeds)))
+        probe_steps.append(0)
+    for chunk in range(num_chunks):
+        rs, metrics = train_chunk(rs, jnp.int32(chunk))
+        global_step = (chunk + 1) * steps_per_chunk
+        returns, wins = evaluate(rs["learner"]["actor"], seeds, jnp.int32(global_step))
+        metrics = jax.device_get({"episodic_return": returns, "win_rate": wins, **metrics})
+        elapsed = time.time() - start
+        sps = global_step / elapsed
+        log(label, global_step, metrics, sps, elapsed)
+        final, final_win = metrics["episodic_return"], metrics["win_rate"]
+        if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
+            best, best_mean = final, final.mean()
+        if args.probe_every and global_step % args.probe_every == 0:
+            probes.append(np.asarray(probe(rs["learner"]["actor"], seeds)))
+            probe_steps.append(global_step)
+        bar.update(steps_per_chunk)
+        bar.set_postfix(eval=f"{final.mean():.2f}")
+    bar.close()
+    result = {"final_eval_return": stats(final), "best_eval_return": stats(best), "sps": round(sps, 1)}
+    if args.env == "smax":
+        result["final_win_rate"] = stats(final_win)
+    probes = {"steps": probe_steps, "actions": np.stack(probes)} if probes else None
+    return result, global_step, probes
+
+
+def main(args: Args) -> int:
+    if error := validate(args):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    env_id = f"SMAX_{args.map}" if args.env == "smax" else args.env_id
+    gaussian = f"gaussian-{args.projection}"
+    labels = ["diffusion", gaussian] if args.compare else ["diffusion" if args.policy == "diffusion" else gaussian]
+    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    script_start = time.time()
+
+    env = make_env(args)
+    seeds = jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed
+    metric_names = ("episodic_return", "win_rate", "train_return", "train_win_rate", *UPDATE_METRICS)
+    if args.env == "mpe":  # MPE has no wins
+        metric_names = tuple(m for m in metric_names if "win" not in m)
+    wandb_runs = {}
+    if args.track:  # one W&B run per seed and class, grouped by run name: seeds are never averaged silently
+        import wandb
+
+        for label in labels:
+            for s in seeds.tolist():
+                config, name = {**asdict(args), "lane_seed": s, "policy_class": label}, f"{run_name}__{label}__seed{s}"
+                wandb_runs[label, s] = wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, name=name, group=run_name,
+                    config=config, reinit="create_new",
+                )  # fmt: skip
+    rows = []
+    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+    fields = ("global_step", "seed", "policy", *metric_names, "sps", "wall_time")
+    writer = csv.DictWriter(metrics_file, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+
+    def log(label: str, global_step: int, metrics: dict, sps: float, wall_time: float):
+        for i, s in enumerate(seeds.tolist()):
+            row = {"global_step": global_step, "seed": s, "policy": label}
+            row |= {k: float(metrics[k][i]) for k in metric_names} | {
+                "sps": round(sps, 1),
+                "wall_time": round(wall_time, 2),
+            }
+            writer.writerow(row)
+            rows.append(row)
+            if wandb_runs:
+                wandb_runs[label, s].log({k: v for k, v in row.items() if k in metric_names}, step=global_step)
+        metrics_file.flush()
+
+    results, probes = {}, {}
+    try:
+        for i, label in enumerate(labels):
+            policy = "diffusion" if label == "diffusion" else "gaussian"
+            desc = f"{label} ({i + 1}/{len(labels)}), {args.num_seeds} seed(s)"
+            results[label], total_timesteps, probe = train_one(args, env, policy, label, seeds, log, desc)
+            if probe is not None:
+                probes[label] = probe
+    except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
+        print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
+        return 130
+    metrics_file.close()
+    title = f"DDPL policy classes on {env_id}"
+    plot_curves(rows, labels, os.path.join(run_dir, "learning_curve.png"), title, args.env == "smax")
+    if probes:
+        dims = (1, 3) if args.env == "smax" else (1, 2)  # SMAX: P(move), angle; MPE: left and right force
+        plot_probes(probes, dims, os.path.join(run_dir, "probe.png"), env_id)
+        arrays = {
+            f"{label}__{name}": np.asarray(p[name]) for label, p in probes.items() for name in ("steps", "actions")
+        }
+        np.savez(os.path.join(run_dir, "probes.npz"), **arrays)
+    subject = results[labels[-1]]  # the Gaussian variant with --compare, else the one class trained
+    summary = {
+        "script": os.path.basename(__file__),
+        "env_id": env_id,
+        "policy": labels[-1],
+        "total_timesteps": total_timesteps,
+        "num_seeds": args.num_seeds,
+        **{k: v for k, v in subject.items() if k != "sps"},
+        "wall_time_s": round(time.time() - script_start, 2),
+        "sps": subject["sps"],
+    }
+    if args.compare:  # one row per class, the same seeds and budget
+        summary["comparison"] = results
+    # summary.json last: its presence marks a complete run folder
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    for run in wandb_runs.values():
+        run.finish()
+    for label, result in results.items():
+        final = result["final_eval_return"]
+        wins = f", win rate {result['final_win_rate']['mean']:.2f}" if "final_win_rate" in result else ""
+        print(f"{label:>18}: final eval return {final['mean']:.3f} +- {final['std']:.3f}{wins}")
+    print(f"wrote {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,151 @@
+"""ddpl_gaussian_ablation.py: both projections and --compare on tiny budgets, bad input, and the Gaussian
+reverse-KL step's mode seeking (the paper's failure mode in miniature) against the forward fit's mass covering."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ddpl_gaussian_ablation as abl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--total-timesteps", "400", "--eval-every", "200", "--num-envs", "4", "--learning-starts", "100",
+    "--batch-size", "16", "--hidden-size", "32", "--num-diffusion-steps", "5", "--num-eval-episodes", "4",
+    "--buffer-size", "300", "--num-seeds", "2",
+]  # fmt: skip
+
+
+def start_cli(*flags, cwd):
+    cmd = [sys.executable, os.path.join(ROOT, "ddpl_gaussian_ablation.py"), *flags]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Side by side: MPE --compare (reverse KL) with probes, and SMAX 3s_vs_5z with the forward projection."""
+    tmp = tmp_path_factory.mktemp("ablation")
+    procs = {
+        "compare": start_cli(*TINY, "--compare", "--probe-every", "200", "--runs-dir", str(tmp / "a"), cwd=tmp),
+        "forward": start_cli(*TINY, "--env", "smax", "--projection", "forward", "--runs-dir", str(tmp / "b"), cwd=tmp),
+    }
+    for proc in procs.values():
+        _, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr
+    return {"compare": next((tmp / "a").iterdir()), "forward": next((tmp / "b").iterdir())}
+
+
+def test_compare_trains_both_classes_on_the_same_seeds(runs):
+    run_dir = runs["compare"]
+    for name in ("config.json", "metrics.csv", "summary.json", "learning_curve.png", "probe.png", "probes.npz"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["policy"] == "gaussian-reverse" and summary["env_id"] == "MPE_simple_reference_v3"
+    assert set(summary["comparison"]) == {"diffusion", "gaussian-reverse"}
+    assert summary["final_eval_return"] == summary["comparison"]["gaussian-reverse"]["final_eval_return"]
+    rows = read_rows(run_dir)
+    assert "win_rate" not in rows[0]  # MPE has no wins
+    for label in ("diffusion", "gaussian-reverse"):
+        mine = [r for r in rows if r["policy"] == label]
+        assert [(r["global_step"], r["seed"]) for r in mine] == [("200", "0"), ("200", "1"), ("400", "0"), ("400", "1")]
+        final = [float(r["episodic_return"]) for r in mine if r["global_step"] == "400"]
+        assert summary["comparison"][label]["final_eval_return"]["per_seed"] == final
+        for r in mine:
+            assert np.isfinite(float(r["critic_loss"])) and 0.0 < float(r["action_std"]) <= 1.0
+    probes = np.load(run_dir / "probes.npz")
+    for label in ("diffusion", "gaussian-reverse"):
+        assert list(probes[f"{label}__steps"]) == [0, 200, 400]
+        actions = probes[f"{label}__actions"]  # (probe, seed, agent, sample, action dim)
+        assert actions.shape == (3, 2, 2, abl.PROBE_SAMPLES, 15) and np.abs(actions).max() <= 1.0
+    # the policies moved between probes, and the two classes share nothing but the probe state
+    assert not np.array_equal(probes["diffusion__actions"][0], probes["diffusion__actions"][-1])
+
+
+def test_forward_projection_on_smax(runs):
+    run_dir = runs["forward"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["policy"] == "gaussian-forward" and summary["env_id"] == "SMAX_3s_vs_5z"
+    assert "comparison" not in summary and set(summary["final_win_rate"]) == {"mean", "std", "per_seed"}
+    rows = read_rows(run_dir)
+    assert {r["policy"] for r in rows} == {"gaussian-forward"} and len(rows) == 4
+    for r in rows:
+        assert 0.0 <= float(r["episodic_return"]) <= 2.0 and 0.0 <= float(r["win_rate"]) <= 1.0
+        assert 0.25 <= float(r["max_weight"]) <= 1.0
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--env", "mujoco"], "--env: unknown 'mujoco'; choose from mpe, smax"),
+        (["--projection", "sideways"], "choose from reverse, forward"),
+        (["--policy", "beta"], "choose from gaussian, diffusion"),
+        (["--env", "smax", "--map", "1z_vs_1z"], "valid maps: 10m_vs_11m"),
+        (["--env-id", "MPE_nonsense"], "valid ids: MPE_simple_v3"),
+        (["--probe-every", "30000"], "--probe-every must be 0 or a multiple of the chunk (20000"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, flags, expected):
+    cmd = [sys.executable, os.path.join(ROOT, "ddpl_gaussian_ablation.py"), *flags, "--runs-dir", str(tmp_path / "r")]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0], res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+MODES, MODE_WIDTH = (-0.5, 0.5), 0.15
+
+
+def bimodal_q(a):
+    """Q(a) = log of an equal mixture of N(-0.5, 0.15^2) and N(0.5, 0.15^2), up to a constant: two equal modes."""
+    return jax.nn.logsumexp(jnp.stack([-0.5 * ((a - m) / MODE_WIDTH) ** 2 for m in MODES]), axis=0)
+
+
+def test_reverse_kl_gaussian_collapses_onto_one_mode_of_a_bimodal_target():
+    """Thm 3.1 in miniature, with the script's own Gaussian class and reverse-KL loss: repeated DecSPG steps toward
+    pi^t exp(Q) with a fixed bimodal Q, from N(0.1, 0.5^2). The exact energy-based iterate pi^0 exp(t Q) keeps both
+    modes (their mass ratio is fixed by pi^0); the Gaussian commits to one mode and loses the other."""
+    steps = 400
+    args = replace(abl.Args(), projection="reverse", num_action_samples=64, eta=1.0, standardize_q=False)
+    init, _, actor_loss = abl.make_policy(args, "gaussian", 1)
+    params = jax.tree.map(jnp.zeros_like, init(jax.random.PRNGKey(0), 1))  # the heads' biases alone set mu, sigma
+    params["params"]["Dense_3"]["bias"] = jnp.array([0.1])
+    params["params"]["Dense_4"]["bias"] = jnp.array([jnp.log(0.5)])
+    obs, alive = jnp.zeros((32, 1)), jnp.ones(32)
+    tx = optax.adam(1e-2)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, key):  # pi^t = the parameters before this step
+        grads = jax.grad(lambda p: actor_loss(p, params, obs, alive, lambda a: bimodal_q(a[..., 0]), key)[0])(params)
+        updates, opt = tx.update(grads, opt)
+        return optax.apply_updates(params, updates), opt
+
+    for key in jax.random.split(jax.random.PRNGKey(1), steps):
+        params, opt = step(params, opt, key)
+    mean, log_std = abl.GaussianActor(action_dim=1, hidden=args.hidden_size).apply(params, obs[:1])
+    mean, std = float(mean[0, 0]), float(jnp.exp(log_std[0, 0]))
+    kept, lost = (0.5, -0.5) if mean > 0 else (-0.5, 0.5)
+    assert abs(mean - kept) < 0.1 and std < 0.15, (mean, std)  # on one mode, narrow
+    gauss_mass_lost = jax.scipy.stats.norm.cdf(lost + 0.2, mean, std) - jax.scipy.stats.norm.cdf(lost - 0.2, mean, std)
+    assert gauss_mass_lost < 0.01, gauss_mass_lost
+    # the exact iterate after as many steps (eta = 1 per step), on a grid: both modes keep real mass
+    grid = jnp.linspace(-1.0, 1.0, 2001)
+    log_p = jax.scipy.stats.norm.logpdf(grid, 0.1, 0.5) + steps * bimodal_q(grid)
+    p = jnp.exp(log_p - log_p.max())
+    p = p / p.sum()
+    for m in MODES:
+        assert float(p[jnp.abs(grid - m) < 0.2].sum()) > 0.3, m
