@@ -12,13 +12,14 @@ policy update and the TD target's next action differ:
              by its advantage over their mean, plus 10 uniform actions per state weighted by 0.02 (entropy term);
              TD next action the best of 4 target samples
 - gaussian:  the reverse-KL Gaussian of ddpl_gaussian_ablation.py (make_policy("gaussian"))
+- ddpl-m2:   DDPL with M = 2, the fewest samples for which the self-normalised weights still differ
 - ddpl-fused (candidate speed-up, not in the scripts): the TD next actions and the ISSM proposals drawn in one
              sampler call of B (M + 1) rows instead of two, the same distribution
 
 All methods are decentralised (one update per agent, vmapped over agents), as DDPL is; the paper ran DACER and QVPO
 centrally on the joint observation and action. The rounds interleave the methods, so machine noise hits all alike;
-the figures are medians over rounds. GFLOP/s counts the matmuls of the DDPL update (analytically, the sampler's
-scan included) against a measured 256-wide fp32 matmul.
+the figures are medians over rounds. GFLOP/s counts the matmuls of the DDPL and DACER updates (analytically, the
+sampler's scan included) against a measured 256-wide fp32 matmul.
 
     python benchmarks/timing.py                  # 3s_vs_5z, M = 4, on the default JAX device
     python benchmarks/timing.py --rounds 5       # a quick look
@@ -41,7 +42,7 @@ import optax  # noqa: E402
 import ddpl_gaussian_ablation as ablation  # noqa: E402
 from ddpl_smax import SMAXArrays, TwinCritic, dsm_loss, issm_weights, sample_actions, valid_maps  # noqa: E402
 
-METHODS = ("ddpl", "ddpl-m1", "ddpl-fused", "dacer", "qvpo", "gaussian")
+METHODS = ("ddpl", "ddpl-m2", "ddpl-fused", "dacer", "qvpo", "gaussian")
 QVPO_TRAIN_SAMPLES, QVPO_TARGET_SAMPLES, QVPO_BEHAVIOUR_SAMPLES = 64, 4, 4  # QVPO's official defaults
 QVPO_ENTROPY_SAMPLES, QVPO_ENTROPY_WEIGHT = 10, 0.02
 
@@ -49,7 +50,7 @@ QVPO_ENTROPY_SAMPLES, QVPO_ENTROPY_WEIGHT = 10, 0.02
 def build(method: str, args, N: int, D: int, S: int, A: int):
     """(update, act, params) for one method: update(params, batch, key) -> params (one step of every agent),
     act(params, obs (N, D), state (S,), key) -> actions (N, A) for one env. params has the agents as leading axis."""
-    M = 1 if method == "ddpl-m1" else args.num_action_samples
+    M = 2 if method == "ddpl-m2" else args.num_action_samples
     cfg = ablation.Args(env="smax", num_action_samples=M, batch_size=args.batch_size)
     policy = "gaussian" if method == "gaussian" else "diffusion"
     init_actor, sample, actor_loss = ablation.make_policy(cfg, policy, A)
@@ -135,14 +136,17 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
     return jax.jit(update), jax.jit(act), params
 
 
-def ddpl_update_flops(N, D, S, A, B, K, M, H=256) -> float:
-    """Matmul FLOPs of one DDPL update of all agents (2 per multiply-add; backward = 2x forward)."""
+def update_flops(method: str, N, D, S, A, B, K, M, H=256) -> float:
+    """Matmul FLOPs of one update of all agents, ddpl or dacer (2 per multiply-add; a backward pass = 2 forwards)."""
     score = 2 * ((A + 16 + D) * H + 2 * H * H + H * A)  # per row: input layer, 2 hidden layers, output
     critic = 2 * 2 * ((S + A) * H + 2 * H * H + H)  # twin heads
     per_agent = K * B * score + B * critic  # TD target: sampler at o', target critics
     per_agent += 3 * B * critic  # critic forward and backward
-    per_agent += K * B * M * score + B * M * critic  # ISSM proposals from pi^t and their Qbar
-    per_agent += 3 * B * M * score  # weighted DSM forward and backward
+    if method == "ddpl":
+        per_agent += K * B * M * score + B * M * critic  # ISSM proposals from pi^t and their Qbar
+        per_agent += 3 * B * M * score  # weighted DSM forward and backward
+    else:  # dacer: the sampler forward, then Qbar and everything back through the chain
+        per_agent += 3 * K * B * score + 3 * B * critic
     return N * per_agent
 
 
@@ -210,10 +214,11 @@ def main() -> int:
     for m in methods:
         ratio = train_ms[m] / train_ms["ddpl"]
         print(f"{m:>11} {train_ms[m]:9.2f} {ratio:7.2f} {infer_ms[m]:9.3f} {compile_s[m]:9.1f}")
-    flops = ddpl_update_flops(N, D, S, A, B, K, M)
-    achieved = flops / (train_ms["ddpl"] * 1e-3) / 1e9
-    print(f"DDPL update: {flops / 1e9:.2f} GFLOP of matmuls, {achieved:.0f} GFLOP/s; "
-          f"fp32 matmul ({x.shape[0]}x256 @ 256x256) {peak:.0f} GFLOP/s: {achieved / peak:.0%} of it")  # fmt: skip
+    for m in ("ddpl", "dacer"):
+        flops = update_flops(m, N, D, S, A, B, K, M)
+        achieved = flops / (train_ms[m] * 1e-3) / 1e9
+        print(f"{m.upper()} update: {flops / 1e9:.2f} GFLOP of matmuls, {achieved:.0f} GFLOP/s, "
+              f"{achieved / peak:.0%} of an fp32 matmul ({x.shape[0]}x256 @ 256x256): {peak:.0f} GFLOP/s")  # fmt: skip
     print(f"ratios: DDPL/DACER={train_ms['ddpl'] / train_ms['dacer']:.2f} "
           f"DDPL/Gaussian={train_ms['ddpl'] / train_ms['gaussian']:.2f}")  # fmt: skip
     return 0
