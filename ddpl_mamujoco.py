@@ -1,0 +1,872 @@
+"""DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on Multi-Agent MuJoCo (MaMuJoCo).
+
+Every agent (a group of joints) acts with its own DDPM policy; twin averaged-Q critics Qbar_i(s, a_i) on the env's
+state and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by
+importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. MuJoCo runs on the CPU in numpy, so
+the env loop is Python (every seed's envs are stepped in this process), while action selection, the replay buffer
+and the updates are jitted, with seeds and agents vmapped.
+Flags, metrics, choices and measured numbers: docs/ddpl_mamujoco.md.
+"""
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+
+try:  # importing gymnasium_robotics prints an Adroit notice on stderr: keep bad-input errors to one line
+    with contextlib.redirect_stderr(io.StringIO()):
+        from gymnasium_robotics import mamujoco_v1
+        from gymnasium_robotics.envs.multiagent_mujoco.obsk import get_parts_and_edges
+    MAMUJOCO_IMPORT_ERROR = None
+except Exception as e:  # without mujoco, gymnasium raises DependencyNotInstalled, which is not an ImportError
+    MAMUJOCO_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+NOISE_SCHEDULES = ("linear", "cosine", "vp")
+UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight")
+METRICS = ("episodic_return", "episode_length", "train_return", *UPDATE_METRICS, "env_share")
+PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
+# what a checkpoint fixes: the policy's inputs and architecture, and the episode that --eval-only plays
+POLICY_FIELDS = (
+    "task", "local_obs", "symlog_obs", "max_episode_steps", "hidden_size", "num_diffusion_steps", "noise_schedule",
+)  # fmt: skip
+PAPER_TASKS = ("Ant-2x4", "Ant-4x2", "Ant-8x1", "HumanoidStandup-17x1")
+# partitions built into gymnasium-robotics 1.4.2 (obsk.get_parts_and_edges); CoupledHalfCheetah-1p1 is left out
+# because the library fails to build it (IndexError in its observation builder)
+LIBRARY_PARTITIONS = {
+    "Ant": ("2x4", "2x4d", "4x2"), "HalfCheetah": ("2x3", "6x1"), "Hopper": ("3x1",), "Humanoid": ("9|8",),
+    "HumanoidStandup": ("9|8",), "Pusher": ("3p",), "Reacher": ("2x1",), "Swimmer": ("2x1",), "Walker2d": ("2x3",),
+}  # fmt: skip
+# One joint per agent, which the library lacks: HARL's partitions (harl/envs/mamujoco/multiagent_mujoco/obsk.py, the
+# paper's baselines), built with agent_factorization= from the library's own nodes and edges (those of the partition
+# named first). Agent i controls the i-th joint of the list.
+ONE_JOINT_PER_AGENT = {
+    "Ant-8x1": ("4x2", ("hip1", "ankle1", "hip2", "ankle2", "hip3", "ankle3", "hip4", "ankle4")),
+    **{
+        f"{scenario}-17x1": ("9|8", (
+            "left_shoulder1", "left_shoulder2", "abdomen_x", "abdomen_y", "abdomen_z", "right_shoulder1",
+            "right_shoulder2", "right_elbow", "left_elbow", "left_hip_x", "left_hip_y", "left_hip_z", "right_hip_x",
+            "right_hip_y", "right_hip_z", "right_knee", "left_knee",
+        ))
+        for scenario in ("Humanoid", "HumanoidStandup")
+    },
+}  # fmt: skip
+# rewards are multiplied by this in the TD target unless --reward-scale is given (docs/ddpl_mamujoco.md)
+DEFAULT_REWARD_SCALE = {"HumanoidStandup": 0.01}
+
+
+@dataclass
+class Args:
+    exp_name: str = "ddpl_mamujoco"
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 0
+    """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
+    num_seeds: int = 1
+    """independent runs in one process: vmapped parameters, num_seeds x num_envs MuJoCo envs"""
+    track: bool = False
+    """log to Weights & Biases as well (one W&B run per seed)"""
+    wandb_project_name: str = "ddpl"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team); None: your default"""
+    save_model: bool = False
+    """write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization, no pickle)"""
+    checkpoint: str | None = None
+    """a model.flax written by --save-model; with --eval-only, evaluate it without training"""
+    eval_only: bool = False
+    """evaluate --checkpoint (same --seed and --num-eval-episodes reproduce the training run's final evaluation)"""
+    runs_dir: str = "runs"
+    """parent folder of the run folder"""
+
+    # Algorithm specific arguments
+    task: str = "Ant-2x4"
+    """<scenario>-<partition>: the paper's Ant-2x4, Ant-4x2, Ant-8x1, HumanoidStandup-17x1, or any other one the
+    library builds (an unknown one exits 2 and lists them)"""
+    local_obs: bool = False
+    """agents see MaMuJoCo's per-agent partial observations; default: HARL's full observation plus a one-hot agent id"""
+    symlog_obs: bool = True
+    """policies and critics see sign(x) log(1 + |x|) of observations and state (ours; HumanoidStandup's reach ~1e3)"""
+    max_episode_steps: int = 1000
+    """time limit of an episode (MaMuJoCo's and HARL's 1000); reaching it is truncation, not termination"""
+    total_timesteps: int = 10_000_000
+    """environment steps per seed (each of the --num-envs envs counts; ours: HARL's MaMuJoCo budget)"""
+    num_envs: int = 20
+    """parallel envs per seed, each stepped once per iteration (Table 3 "rollout batch size")"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity in transitions (ours; 0.9 GB per seed on Ant, 2.9 GB on HumanoidStandup); circular"""
+    learning_starts: int = 10_000
+    """environment steps of uniform random actions before the first update (ours)"""
+    updates_per_iteration: int = 1
+    """U: gradient updates after each vector step (ours; 0 only collects data, for profiling)"""
+    batch_size: int = 256
+    """transitions per update (Table 3)"""
+    gamma: float = 0.99
+    """discount factor (ours)"""
+    tau: float = 0.005
+    """Polyak rate of the target critics (Table 3 "smoothing parameter")"""
+    learning_rate: float = 1e-4
+    """Adam learning rate of actors and critics at the start, decayed linearly (Table 3)"""
+    learning_rate_end: float = 5e-5
+    """Adam learning rate at the last update (Table 3)"""
+    hidden_size: int = 256
+    """width of the 3 mish layers of score networks and critics (Table 3)"""
+    num_diffusion_steps: int = 20
+    """K: denoising steps of every policy (Table 3)"""
+    noise_schedule: str = "cosine"
+    """linear, cosine or vp (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
+    eta: float = 1.0
+    """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
+    num_action_samples: int = 4
+    """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
+    standardize_q: bool = True
+    """standardise Qbar over each state's M samples before the softmax: eta becomes scale-free (ours)"""
+    reward_scale: float | None = None
+    """multiplies rewards in the TD target (ours); None: 0.01 on HumanoidStandup (333 x torso height + 1), else 1"""
+    eval_every: int = 20_000
+    """environment steps between evaluations"""
+    num_eval_episodes: int = 10
+    """episodes per seed and evaluation, stochastic policy (ours: 10; the paper's 50 costs 5x on a CPU)"""
+    probe_every: int = 0
+    """env steps between probes of the action distribution at a fixed state (0: off); a multiple of --eval-every"""
+
+
+def parse_args() -> Args:
+    """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if e.code:
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
+            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise
+
+
+def split_task(task: str) -> tuple[str, str]:
+    scenario, _, partition = task.partition("-")
+    return scenario, partition
+
+
+def known_partition(task: str) -> bool:
+    """A task the library's graph code knows: a built-in partition, ManySegment*-<agents>x<segments>, or ours."""
+    if task in ONE_JOINT_PER_AGENT:
+        return True
+    try:
+        return len(get_parts_and_edges(*split_task(task))[0]) > 0
+    except Exception:
+        return False
+
+
+def valid_tasks() -> list[str]:
+    built_in = [f"{s}-{p}" for s, parts in LIBRARY_PARTITIONS.items() for p in parts if known_partition(f"{s}-{p}")]
+    many = ["ManySegmentAnt-<agents>x<segments>", "ManySegmentSwimmer-<agents>x<segments>"]
+    return sorted(built_in + list(ONE_JOINT_PER_AGENT)) + many
+
+
+def load_checkpoint(path: str) -> dict:
+    """{"actor": params with leading (seed, agent) axes, "global_step", "config"} from a --save-model file."""
+    with open(path, "rb") as f:
+        ckpt = flax.serialization.msgpack_restore(f.read())
+    ckpt["config"] = json.loads(ckpt["config"])
+    missing = [k for k in POLICY_FIELDS if k not in ckpt["config"]] + [
+        k for k in ("actor", "global_step") if k not in ckpt
+    ]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    return ckpt
+
+
+def validate(args: Args) -> str | None:
+    """Return a one-line description of the first invalid flag, or None. Runs before anything is written."""
+    if MAMUJOCO_IMPORT_ERROR:
+        return f"MaMuJoCo unavailable (pip install gymnasium-robotics==1.4.2 mujoco==4.0.0): {MAMUJOCO_IMPORT_ERROR}"
+    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
+        return "--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together"
+    if args.checkpoint:
+        try:
+            load_checkpoint(args.checkpoint)
+        except Exception as e:
+            return f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax ({type(e).__name__}: {e})"
+    if not known_partition(args.task):
+        return f"--task: unknown {args.task!r}; valid tasks: {', '.join(valid_tasks())}"
+    if args.max_episode_steps < 1:
+        return f"--max-episode-steps must be >= 1, got {args.max_episode_steps}"
+    try:  # the library builds the env, and with --local-obs the index gather must equal its observations
+        MaMuJoCo(args.task, 1, args.local_obs, max_episode_steps=args.max_episode_steps)
+    except Exception as e:
+        return f"--task {args.task}{' --local-obs' if args.local_obs else ''}: {type(e).__name__}: {e}"
+    if args.noise_schedule not in NOISE_SCHEDULES:
+        return f"--noise-schedule: unknown {args.noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}"
+    if args.num_action_samples < 2:
+        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
+    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
+    minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+    if not args.num_envs <= args.eval_every <= args.total_timesteps:
+        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
+        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
+    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
+    if args.probe_every < 0 or args.probe_every % chunk:
+        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
+    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
+    if args.learning_rate_end <= 0 or (args.reward_scale is not None and args.reward_scale <= 0):
+        return "--learning-rate-end and --reward-scale must be > 0"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track needs the wandb package (pip install wandb), which is not installed"
+    return None
+
+
+# ALGO LOGIC: environment glue. num_envs MuJoCo envs in numpy; per-agent observations are gathered on the device.
+def make_library_env(task: str, **env_kwargs):
+    """mamujoco_v1.parallel_env for a task; one-joint-per-agent tasks get HARL's partition as agent_factorization."""
+    scenario, partition = split_task(task)
+    if task not in ONE_JOINT_PER_AGENT:
+        return mamujoco_v1.parallel_env(scenario, partition, **env_kwargs)
+    reference, labels = ONE_JOINT_PER_AGENT[task]
+    parts, edges, globals_ = get_parts_and_edges(scenario, reference)
+    nodes = {node.label: node for part in parts for node in part}
+    factorization = {"partition": [(nodes[label],) for label in labels], "edges": edges, "globals": globals_}
+    return mamujoco_v1.parallel_env(scenario, partition, agent_factorization=factorization, **env_kwargs)
+
+
+def env_seed(*entropy: int) -> int:
+    """A MuJoCo reset seed from integers (lane seed, stream, ...): independent streams for training, eval, probe."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+class MaMuJoCo:
+    """num_envs copies of one MaMuJoCo task in this process: states (E, S), learner actions in [-1, 1]^(E, N, A).
+
+    The library's ParallelEnv.step steps the underlying gymnasium task (`single_agent_env`: Ant-v5 etc. inside
+    gymnasium's TimeLimit) and then rebuilds every agent's observation in Python (obsk.build_obs), which costs
+    35-40% of the step. We step `single_agent_env` with the same global action, keep its observation (which is the
+    library's `state()`, the critics' input) and get the agents' observations from it by one index gather
+    (`observe`), on the device, inside the jitted functions. tests/test_mamujoco.py checks both against the library.
+    Agents with fewer action or observation dims are zero-padded to the largest; padded actions are dropped.
+    """
+
+    def __init__(self, task: str, num_envs: int, local_obs: bool, **env_kwargs):  # env_kwargs go to gymnasium.make
+        self.envs = [make_library_env(task, **env_kwargs) for _ in range(num_envs)]
+        lib = self.envs[0]
+        single = lib.single_agent_env
+        self.agents = lib.possible_agents
+        self.num_agents = N = len(self.agents)
+        self.state_dim = S = single.observation_space.shape[0]
+        self.act_dim = A = max(len(part) for part in lib.agent_action_partitions)
+        self.low, self.high = single.action_space.low, single.action_space.high  # per joint (HumanoidStandup: +-0.4)
+        act_ids = np.full((N, A), -1)  # act_ids[i, j]: the env's index of agent i's j-th action (-1: padding)
+        for i, part in enumerate(lib.agent_action_partitions):
+            act_ids[i, : len(part)] = [node.act_ids for node in part]
+        self.act_source = np.flatnonzero(act_ids >= 0)  # into the flattened (N * A) learner action
+        self.act_target = act_ids.ravel()[self.act_source]  # into the env's action vector
+        # observe() gathers from [state, 0, 1]: index S is a zero (padding, one-hot off), S + 1 a one (one-hot on)
+        if local_obs:  # MaMuJoCo's own per-agent observation, as index arrays into the state
+            mapping = lib.observation_factorization
+            if mapping is None:
+                raise ValueError("the library has no observation mapping for this task; drop --local-obs")
+            self.obs_dim = max(len(mapping[a]) for a in self.agents)
+            self.obs_index = np.full((N, self.obs_dim), S)
+            for i, a in enumerate(self.agents):
+                self.obs_index[i, : len(mapping[a])] = mapping[a]
+            self.check_local_obs()
+        else:  # HARL: the full observation (= state) plus a one-hot agent id
+            self.obs_dim = S + N
+            self.obs_index = np.concatenate([np.tile(np.arange(S), (N, 1)), S + np.eye(N, dtype=int)], axis=1)
+
+    def observe(self, state) -> jax.Array:
+        """Every agent's observation from the state: (..., S) -> (..., N, obs_dim)."""
+        state = jnp.asarray(state, jnp.float32)
+        extended = jnp.concatenate([state, jnp.zeros_like(state[..., :1]), jnp.ones_like(state[..., :1])], axis=-1)
+        return extended[..., self.obs_index]
+
+    def check_local_obs(self, steps: int = 10):
+        """The gather must reproduce the library's builder exactly (compared over a few random steps); where the
+        builder transforms values instead of copying them (Reacher, Pusher, Walker2d, ManySegmentAnt), --local-obs is
+        refused."""
+        lib, rng = self.envs[0], np.random.default_rng(0)
+        lib.single_agent_env.reset(seed=0)
+        for _ in range(steps):
+            action = rng.uniform(-1.0, 1.0, (self.num_agents, self.act_dim))
+            state = lib.single_agent_env.step(self.to_env_action(action))[0]
+            library_obs = lib._get_obs()
+            gathered = np.asarray(self.observe(state))
+            for i, a in enumerate(self.agents):
+                d = len(library_obs[a])
+                if not np.array_equal(gathered[i, :d], library_obs[a].astype(np.float32)):
+                    raise ValueError("the library's observation builder transforms values here; drop --local-obs")
+
+    def to_env_action(self, action: np.ndarray) -> np.ndarray:
+        """Learner actions (..., N, A) in [-1, 1] (the sampler clips) -> the env's action vector, affinely per joint."""
+        flat = np.zeros((*action.shape[:-2], self.low.shape[0]))
+        flat[..., self.act_target] = action.reshape(*action.shape[:-2], -1)[..., self.act_source]
+        return self.low + 0.5 * (flat + 1.0) * (self.high - self.low)
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        return np.stack([env.single_agent_env.reset(seed=s)[0] for env, s in zip(self.envs, seeds, strict=True)])
+
+    def step_env(self, i: int, env_action: np.ndarray):
+        """Env i without reset: (s', reward, terminated, truncated), what the library's step returns minus obs."""
+        state, reward, terminated, truncated, _ = self.envs[i].single_agent_env.step(env_action)
+        return state, reward, terminated, truncated
+
+    def step(self, action: np.ndarray) -> dict:
+        """All envs one step. "next_state" is the true s' (the buffer's), "state" the reset one where an episode
+        ended. Ant ends when unhealthy (terminal: no bootstrap); the time limit is truncation (done, not terminal)."""
+        out = {k: [] for k in ("next_state", "state", "reward", "terminal", "done")}
+        for i, env_action in enumerate(self.to_env_action(action)):
+            next_state, reward, terminated, truncated = self.step_env(i, env_action)
+            done = terminated or truncated
+            state = self.envs[i].single_agent_env.reset()[0] if done else next_state  # unseeded: the env's own RNG
+            for k, v in zip(out, (next_state, state, reward, terminated, done), strict=True):
+                out[k].append(v)
+        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def buffer_init(size: int, N: int, S: int, A: int) -> dict:
+    """Fixed-size replay arrays for N agents, an S-dim state and A-dim actions (observations are gathered from the
+    states when sampled)."""
+    shapes = {"state": (S,), "action": (N, A), "reward": (), "terminal": (), "next_state": (S,)}
+    return {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
+
+
+def buffer_add(buffer: dict, transitions: dict, iteration) -> dict:
+    """Circular insert of one vector step (E transitions) at rows iteration * E, ..., mod the buffer size."""
+    size, num = buffer["reward"].shape[0], transitions["reward"].shape[0]
+    rows = (iteration * num + jnp.arange(num)) % size
+    return jax.tree.map(lambda b, x: b.at[rows].set(x.astype(b.dtype)), buffer, transitions)
+
+
+# --- DDPL core: begin ---
+# Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). ALGORITHM.md sec. 3-5.
+def make_noise_schedule(name: str, num_steps: int) -> dict:
+    """Betas b_1..b_K and the DDPM coefficients derived from them (ALGORITHM.md sec. 3)."""
+    K = num_steps
+    if name == "linear":  # Table 3: "linear, start 0.001, end 0.999"
+        betas = jnp.linspace(1e-3, 0.999, K)
+    elif name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008, b clipped at 0.999
+        f = jnp.cos((jnp.arange(K + 1) / K + 0.008) / 1.008 * jnp.pi / 2) ** 2
+        betas = jnp.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    elif name == "vp":  # discretised VP-SDE as in DACER's code, b_min 0.1, b_max 10
+        t = jnp.arange(1, K + 1)
+        betas = 1.0 - jnp.exp(-0.1 / K - 0.5 * (10.0 - 0.1) * (2 * t - 1) / K**2)
+    else:
+        raise ValueError(f"unknown noise schedule {name!r}; choose from linear, cosine, vp")
+    alphas = 1.0 - betas
+    abar = jnp.cumprod(alphas)
+    abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
+    return {
+        "betas": betas,
+        "abar": abar,
+        # posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7)
+        "c1": jnp.sqrt(abar_prev) * betas / (1.0 - abar),
+        "c2": jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar),
+        # sigma_k^2 = b_k (ours): with K = 20 the posterior variance makes broad policies too narrow
+        # (tests/test_core.py::test_sampler_fidelity; ALGORITHM.md sec. 3 "Measured")
+        "sigma": jnp.sqrt(betas),
+    }
+
+
+def mish(x):
+    """x tanh(softplus(x)) with one exp: tanh(log(1 + e^x)) = n / (n + 2), n = e^x (e^x + 2)."""
+    n = jnp.exp(jnp.minimum(x, 20.0))  # for x > 20 the ratio is 1 in float32
+    n = n * (n + 2.0)
+    return x * n / (n + 2.0)
+
+
+class ScoreNet(nn.Module):
+    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o]."""
+
+    action_dim: int
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, x, k, obs):
+        freqs = jnp.exp(-jnp.log(1000.0) * jnp.arange(8) / 8)
+        angles = k[..., None].astype(jnp.float32) * freqs
+        h = jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles), obs], axis=-1)
+        for _ in range(self.num_layers):
+            h = mish(nn.Dense(self.hidden)(h))
+        return nn.Dense(self.action_dim)(h)
+
+
+def sample_actions(apply_fn, params, obs, key, sched, action_dim):
+    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1).
+
+    obs has shape (..., obs_dim); returns actions of shape (..., action_dim). Key use: split(key, K + 1),
+    keys[0] draws x_K and keys[1 + K - k] the noise of step k = K..1 (tests replay this with a Python loop).
+    """
+    K = sched["betas"].shape[0]
+    keys = jax.random.split(key, K + 1)
+    x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
+
+    def step(x, inp):
+        k, step_key = inp  # k runs K..1
+        i = k - 1
+        eps = apply_fn(params, x, jnp.full(x.shape[:-1], k), obs)
+        # x0 prediction clipped to the action box (as in DACER), then the DDPM posterior mean
+        x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
+        noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
+        return sched["c1"][i] * x0 + sched["c2"][i] * x + noise, None
+
+    x_0, _ = jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))
+    return jnp.clip(x_0, -1.0, 1.0)
+
+
+def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
+    """Denoising score matching (eq. 1) on x0 of shape (B, M, d) with obs (B, obs_dim).
+
+    weights (B, M), if given, replace the plain mean over the M samples of each state (ISSM, eq. 2).
+    """
+    B, M, d = x0.shape
+    K = sched["betas"].shape[0]
+    k_key, eps_key = jax.random.split(key)
+    k = jax.random.randint(k_key, (B, M), 1, K + 1)
+    eps = jax.random.normal(eps_key, x0.shape)
+    abar = sched["abar"][k - 1][..., None]
+    x_k = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+    obs_m = jnp.broadcast_to(obs[:, None, :], (B, M, obs.shape[-1]))
+    per_sample = jnp.sum((apply_fn(params, x_k, k, obs_m) - eps) ** 2, axis=-1)
+    if weights is None:
+        weights = jnp.full((B, M), 1.0 / M)
+    return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
+
+
+def issm_weights(q, eta, standardize):
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j)) over the M samples of a state.
+
+    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). standardize
+    divides Qbar by its per-state std over the M samples first, which makes eta scale-free (ours).
+    """
+    if standardize:
+        q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
+    return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
+
+
+def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, standardize):
+    """ISSM (eq. 2): DSM on M actions drawn from pi^t per state, weighted toward pi^t exp(eta Qbar)."""
+    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, standardize))
+
+
+class TwinCritic(nn.Module):
+    """Twin averaged-Q critics Qbar_i(s, a_i): global state and the agent's OWN action (Alg. 2, line 5)."""
+
+    hidden: int = 256
+    num_layers: int = 3
+
+    @nn.compact
+    def __call__(self, state, action):
+        qs = []
+        for _ in range(2):
+            h = jnp.concatenate([state, action], axis=-1)
+            for _ in range(self.num_layers):
+                h = mish(nn.Dense(self.hidden)(h))
+            qs.append(nn.Dense(1)(h)[..., 0])
+        return qs[0], qs[1]
+
+
+# --- DDPL core: end ---
+
+
+def symlog(x):
+    return jnp.sign(x) * jnp.log1p(jnp.abs(x))
+
+
+# ALGO LOGIC: Algorithm 2. One iteration: every env steps once (Python), then U updates of every agent (jitted).
+def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
+    """Returns init(seed), act(actor, key, state, iteration), learn(runner state, transitions, iteration) and
+    policy(actor, state, key). All are per seed; main() jits and vmaps them over seeds and runs the env loop."""
+    N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
+    E, B, M = args.num_envs, args.batch_size, args.num_action_samples
+    num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
+    sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
+    score_net = ScoreNet(action_dim=A, hidden=args.hidden_size)
+    critic_net = TwinCritic(hidden=args.hidden_size)
+    # Table 3: Adam, learning rate linear 1e-4 -> 5e-5 over training, for actors and critics alike
+    tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))
+    squash = symlog if args.symlog_obs else (lambda x: x)
+
+    def observe(state):  # (..., S) -> every agent's (squashed) observation (..., N, D)
+        return squash(env.observe(state))
+
+    def policy(actor, state, key):
+        """Decentralized execution: agent i samples a_i ~ pi_i(.|o_i), o_i gathered from the state. -> (..., N, A)."""
+        sample = jax.vmap(lambda p, o, k: sample_actions(score_net.apply, p, o, k, sched, A))
+        return jnp.moveaxis(sample(actor, jnp.moveaxis(observe(state), -2, 0), jax.random.split(key, N)), 0, -2)
+
+    def init(seed):
+        key, k_actor, k_critic = jax.random.split(jax.random.PRNGKey(seed), 3)
+        # agents are a stacked leading axis of every parameter pytree: separate parameters, vmapped
+        actor = jax.vmap(score_net.init, (0, None, None, None))(
+            jax.random.split(k_actor, N), jnp.zeros((1, A)), jnp.ones(1, jnp.int32), jnp.zeros((1, D))
+        )
+        critic = jax.vmap(critic_net.init, (0, None, None))(
+            jax.random.split(k_critic, N), jnp.zeros((1, S)), jnp.zeros((1, A))
+        )
+        learner = {"actor": actor, "critic": critic, "critic_target": critic}
+        learner |= {"actor_opt": jax.vmap(tx.init)(actor), "critic_opt": jax.vmap(tx.init)(critic)}
+        return {"learner": learner, "buffer": buffer_init(args.buffer_size, N, S, A), "key": key}
+
+    def act(actor, key, state, iteration):
+        """Actions of the E envs, (E, N, A); iteration is not vmapped over seeds, so the cond stays a real branch."""
+        key, k_act = jax.random.split(key)
+        action = jax.lax.cond(
+            iteration * E < args.learning_starts,  # warm-up: uniform random actions
+            lambda: jax.random.uniform(k_act, (E, N, A), minval=-1.0, maxval=1.0),
+            lambda: policy(actor, state, k_act),
+        )
+        return key, action
+
+    def update_agent(p, mine, shared, key):
+        """One critic step and one ISSM step of one agent (vmapped over agents).
+
+        p: the agent's parameters and optimiser states; mine: its own o_i, a_i, o_i' (B rows each); shared: the
+        (squashed) states s and s', the team reward and terminal.
+        """
+        k_next, k_prop, k_dsm = jax.random.split(key, 3)
+        # Averaged-Q critic (Alg. 2, line 5): state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
+        next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
+        q_next = jnp.minimum(*critic_net.apply(p["critic_target"], shared["next_state"], next_action))
+        # TD bootstraps on 1 - terminal: Ant's fall ends the return, the time limit does not (s' is the true last one)
+        y = shared["reward"] * args.reward_scale + args.gamma * (1.0 - shared["terminal"]) * q_next
+
+        def critic_loss(params):
+            q1, q2 = critic_net.apply(params, shared["state"], mine["action"])
+            return jnp.mean((q1 - y) ** 2) + jnp.mean((q2 - y) ** 2), q1.mean()
+
+        (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(p["critic"])
+        updates, critic_opt = tx.update(grads, p["critic_opt"])
+        critic = optax.apply_updates(p["critic"], updates)
+        # ISSM (eq. 2): M proposals per state from pi^t (no gradient flows through the sampler), self-normalised
+        # weights softmax_j(eta * Qbar) with Qbar = min of the twin ONLINE critics, just updated above
+        proposals = sample_actions(
+            score_net.apply, p["actor"], jnp.broadcast_to(mine["obs"][:, None], (B, M, D)), k_prop, sched, A
+        )
+        q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(shared["state"][:, None], (B, M, S)), proposals))
+        a_loss, grads = jax.value_and_grad(issm_loss, argnums=1)(
+            score_net.apply, p["actor"], mine["obs"], proposals, q, k_dsm, sched, args.eta, args.standardize_q
+        )
+        updates, actor_opt = tx.update(grads, p["actor_opt"])
+        actor = optax.apply_updates(p["actor"], updates)
+        critic_target = optax.incremental_update(critic, p["critic_target"], args.tau)  # Polyak (Table 3)
+        max_weight = issm_weights(q, args.eta, args.standardize_q).max(axis=-1).mean()
+        p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target}
+        return p | {"critic_opt": critic_opt}, jnp.stack([c_loss, a_loss, q_mean, max_weight])
+
+    def update(rs, iteration, key):
+        k_idx, k_agents = jax.random.split(key)
+        filled = jnp.minimum((iteration + 1) * E, args.buffer_size)
+        batch = jax.tree.map(lambda x: x[jax.random.randint(k_idx, (B,), 0, filled)], rs["buffer"])
+        mine = {"obs": observe(batch["state"]), "action": batch["action"], "next_obs": observe(batch["next_state"])}
+        mine = {k: jnp.swapaxes(v, 0, 1) for k, v in mine.items()}  # agents first
+        shared = {"state": squash(batch["state"]), "next_state": squash(batch["next_state"])}
+        shared |= {"reward": batch["reward"], "terminal": batch["terminal"]}
+        learner, metrics = jax.vmap(update_agent, in_axes=(0, 0, None, 0))(
+            rs["learner"], mine, shared, jax.random.split(k_agents, N)
+        )
+        return rs | {"learner": learner}, metrics.mean(axis=0)
+
+    def learn(rs, transitions, iteration):
+        """Insert one vector step into the replay buffer, then U updates once the warm-up is over."""
+        key, k_upd = jax.random.split(rs["key"])
+        rs = rs | {"buffer": buffer_add(rs["buffer"], transitions, iteration), "key": key}
+
+        def updates(rs):
+            rs, metrics = jax.lax.scan(
+                lambda r, k: update(r, iteration, k), rs, jax.random.split(k_upd, args.updates_per_iteration)
+            )
+            return rs, metrics.mean(axis=0), jnp.float32(1.0)
+
+        def no_updates(rs):
+            return rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0)
+
+        do_learn = ((iteration + 1) * E >= args.learning_starts) & (args.updates_per_iteration > 0)
+        return jax.lax.cond(do_learn, updates, no_updates, rs)
+
+    return init, act, learn, policy
+
+
+def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_step: int, episode_length: int):
+    """Mean return and length of one episode per eval env (--num-eval-episodes per seed), stochastic policy (Sec. 5).
+
+    Env seeds and action keys depend only on (seed, global_step), so --eval-only on a saved model reproduces the
+    numbers. A finished env is no longer stepped; the policy still acts on its last state (ignored).
+    """
+    n = len(envs[0].envs)
+    state = [env.reset([env_seed(s, 1, global_step, i) for i in range(n)]) for env, s in zip(envs, seeds, strict=True)]
+    state = np.stack(state).astype(np.float32)
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), global_step) for s in seeds])
+    running, ret, length = np.ones((len(seeds), n), bool), np.zeros((len(seeds), n)), np.zeros((len(seeds), n))
+    for t in range(episode_length):
+        env_action = envs[0].to_env_action(np.asarray(eval_act(actor, state, keys, np.int32(t))))
+        for s, i in zip(*np.nonzero(running), strict=True):
+            next_state, reward, terminated, truncated = envs[s].step_env(i, env_action[s, i])
+            state[s, i], ret[s, i], length[s, i] = next_state, ret[s, i] + reward, t + 1
+            running[s, i] = not (terminated or truncated)
+        if not running.any():
+            break
+    return ret.mean(axis=1), length.mean(axis=1)
+
+
+# TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
+def stats(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
+
+
+def plot_curve(rows: list[dict], path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["global_step"] for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in (("episodic_return", "tab:blue"), ("train_return", "tab:gray")):
+        by_step = [[r[name] for r in rows if r["global_step"] == s] for s in steps]  # "" where nothing was logged
+        values = np.array([[np.nan if v == "" else float(v) for v in vs] for vs in by_step])
+        if np.all(np.isnan(values)):
+            continue
+        mean, std = values.mean(axis=1), values.std(axis=1)  # NaN (no data) leaves a gap
+        label = "eval (stochastic policy)" if name == "episodic_return" else "training episodes"
+        ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
+        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+    ax.set(xlabel="environment steps per seed", ylabel=f"episode return (mean, std of {values.shape[1]} seeds)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
+    """Fig. 4 right analogue: per class and probe step, agents 0 and 1's actions (dims `dims`) at the probe state."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(probes)
+    steps = probes[labels[0]]["steps"]
+    fig, axes = plt.subplots(len(labels), len(steps), figsize=(2.6 * len(steps), 2.6 * len(labels)), squeeze=False)
+    for row, label in enumerate(labels):
+        for col, step in enumerate(steps):
+            ax = axes[row][col]
+            for agent, color in ((0, "tab:blue"), (1, "tab:red")):
+                a = probes[label]["actions"][col, 0, min(agent, probes[label]["actions"].shape[2] - 1)]  # seed lane 0
+                ax.scatter(a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}")
+            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
+            ax.set_title(f"{label}, {step:,} steps", fontsize=8)
+    axes[0][0].legend(fontsize=7, markerscale=4)
+    fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args: Args) -> int:
+    if error := validate(args):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    if args.eval_only:  # the task, time limit, observations and the policy's architecture come from the checkpoint
+        args = replace(args, **{k: ckpt["config"][k] for k in POLICY_FIELDS})
+        args = replace(args, num_seeds=int(jax.tree.leaves(ckpt["actor"])[0].shape[0]))
+    if args.reward_scale is None:
+        args = replace(args, reward_scale=DEFAULT_REWARD_SCALE.get(split_task(args.task)[0], 1.0))
+    env_id = f"MaMuJoCo_{args.task}"
+    run_name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    script_start = time.time()
+
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    E, K = args.num_envs, args.max_episode_steps
+
+    def make_envs(n: int) -> list[MaMuJoCo]:  # one set of n envs per seed
+        return [MaMuJoCo(args.task, n, args.local_obs, max_episode_steps=K) for _ in seeds]
+
+    eval_envs = make_envs(args.num_eval_episodes)
+    env = eval_envs[0]
+    iters_per_chunk = args.eval_every // E
+    num_chunks = args.total_timesteps // (iters_per_chunk * E)
+    steps_per_chunk = iters_per_chunk * E
+    init, act, learn, policy = make_train(args, env, num_chunks * iters_per_chunk)
+    seeds_arr = jnp.asarray(seeds, jnp.int32)
+    rs_shape = jax.eval_shape(jax.vmap(init), seeds_arr)
+    # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
+    eval_state = jax.ShapeDtypeStruct((args.num_seeds, args.num_eval_episodes, env.state_dim), jnp.float32)
+    eval_act = jax.jit(jax.vmap(lambda actor, state, key, t: policy(actor, state, jax.random.fold_in(key, t)),
+                                in_axes=(0, 0, 0, None)))  # fmt: skip
+    eval_keys = jax.ShapeDtypeStruct((args.num_seeds, 2), jnp.uint32)
+    eval_act = eval_act.lower(rs_shape["learner"]["actor"], eval_state, eval_keys, np.int32(0)).compile()
+    wandb_runs = []
+    if args.track:  # one W&B run per seed, grouped by run name: seeds are never averaged silently
+        import wandb
+
+        for s in seeds:
+            config, name = {**asdict(args), "lane_seed": s}, f"{run_name}__seed{s}"
+            wandb_runs.append(wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name,
+                                         group=run_name, config=config, reinit="create_new"))  # fmt: skip
+    rows = []
+    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+    writer = csv.DictWriter(metrics_file, fieldnames=("global_step", "seed", *METRICS, "sps", "wall_time"))
+    writer.writeheader()
+
+    def log(global_step: int, metrics: dict, sps: float, wall_time: float):
+        for i, s in enumerate(seeds):
+            row = {"global_step": global_step, "seed": s, **{k: float(metrics[k][i]) for k in metrics}}
+            row = {**{k: "" for k in METRICS}, **row, "sps": round(sps, 1), "wall_time": round(wall_time, 2)}
+            row = {k: "" if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
+            writer.writerow(row)
+            rows.append(row)
+            if wandb_runs:
+                wandb_runs[i].log({k: v for k, v in row.items() if v != ""}, step=global_step)
+        metrics_file.flush()
+
+    if args.eval_only:
+        global_step = int(ckpt["global_step"])
+        returns, lengths = evaluate(eval_envs, eval_act, ckpt["actor"], seeds, global_step, K)
+        log(global_step, {"episodic_return": returns, "episode_length": lengths}, 0.0, time.time() - script_start)
+        final = best = returns
+        sps, total_timesteps = 0.0, global_step
+        print(f"eval-only {args.checkpoint} at global_step {global_step}: episodic_return per seed {returns.tolist()}")
+    else:
+        from tqdm import tqdm
+
+        buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rs_shape["buffer"])) / 1e9
+        obs_kind = "local" if args.local_obs else "full + one-hot id"
+        print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim} ({obs_kind}), state {env.state_dim}, actions "
+              f"{env.act_dim}, reward scale {args.reward_scale}; replay buffer {buffer_gb:.2f} GB for "
+              f"{args.num_seeds} seed(s); compiling...", flush=True)  # fmt: skip
+        train_envs = make_envs(E)
+        state = [e.reset([env_seed(s, 0, i) for i in range(E)]) for e, s in zip(train_envs, seeds, strict=True)]
+        state = np.stack(state).astype(np.float32)  # (seed, env, S): what the policies see
+        rs = jax.jit(jax.vmap(init))(seeds_arr)
+        act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))
+        act = act.lower(rs["learner"]["actor"], rs["key"], state, np.int32(0)).compile()
+        example = {"state": state, "action": np.zeros((args.num_seeds, E, env.num_agents, env.act_dim), np.float32)}
+        example |= {"reward": state[..., 0], "terminal": state[..., 0], "next_state": state}
+        learn = jax.jit(jax.vmap(learn, in_axes=(0, 0, None)), donate_argnums=0)
+        learn = learn.lower(rs, example, np.int32(0)).compile()  # compile once, outside the timed loop
+        print(f"compiled in {time.time() - script_start:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps/seed")
+        probe_state = np.zeros((args.num_seeds, PROBE_SAMPLES, env.state_dim), np.float32)
+        for i, s in enumerate(seeds):  # --probe-every: PROBE_SAMPLES actions per agent at a fixed start state
+            probe_state[i] = eval_envs[i].envs[0].single_agent_env.reset(seed=env_seed(s, 2))[0]
+        probe_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+        probe = jax.jit(jax.vmap(lambda actor, state, key: jnp.swapaxes(policy(actor, state, key), 0, 1)))
+        probes, probe_steps = [], []
+        if args.probe_every:  # before the first update, then every --probe-every env steps
+            probes, probe_steps = [np.asarray(probe(rs["learner"]["actor"], probe_state, probe_keys))], [0]
+        start, final, best, best_mean = time.time(), None, None, -np.inf
+        times = dict.fromkeys(("train", "env", "eval"), 0.0)  # seconds: training (MuJoCo steps included), evaluation
+        ep_return = np.zeros((args.num_seeds, E))
+        bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
+        for chunk in range(num_chunks):
+            try:
+                chunk_start, env_time, updates, ep_stats = time.time(), 0.0, [], np.zeros((2, args.num_seeds))
+                for iteration in range(chunk * iters_per_chunk, (chunk + 1) * iters_per_chunk):
+                    key, action = act(rs["learner"]["actor"], rs["key"], state, np.int32(iteration))
+                    action = np.asarray(action)  # (seed, env, N, A), in [-1, 1]
+                    env_start = time.time()
+                    out = [e.step(a) for e, a in zip(train_envs, action, strict=True)]
+                    out = {k: np.stack([o[k] for o in out]) for k in out[0]}
+                    env_time += time.time() - env_start
+                    transitions = {"state": state, "action": action, "reward": out["reward"]}
+                    transitions |= {"terminal": out["terminal"], "next_state": out["next_state"]}
+                    ep_return += out["reward"]
+                    ep_stats += [(ep_return * out["done"]).sum(axis=1), out["done"].sum(axis=1)]
+                    ep_return *= 1.0 - out["done"]
+                    state = out["state"]
+                    rs, metrics, updated = learn(rs | {"key": key}, transitions, np.int32(iteration))
+                    updates.append((metrics, updated))
+                    bar.update(E)
+                jax.block_until_ready(rs["learner"])  # the last update, dispatched asynchronously, counts as training
+                train_time = time.time() - chunk_start
+                global_step = (chunk + 1) * steps_per_chunk
+                returns, lengths = evaluate(eval_envs, eval_act, rs["learner"]["actor"], seeds, global_step, K)
+            except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
+                bar.close()
+                print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
+                return 130
+            times["train"], times["env"] = times["train"] + train_time, times["env"] + env_time
+            times["eval"] += time.time() - chunk_start - train_time
+            metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
+            count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
+            mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
+            metrics = dict(zip(UPDATE_METRICS, mean.T, strict=True))
+            train_return = np.where(ep_stats[1] > 0, ep_stats[0] / np.maximum(ep_stats[1], 1), np.nan)
+            metrics |= {"episodic_return": returns, "episode_length": lengths, "train_return": train_return}
+            metrics["env_share"] = np.full(args.num_seeds, env_time / train_time)
+            elapsed = time.time() - start
+            sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
+            log(global_step, metrics, sps, elapsed)
+            final = returns
+            if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
+                best, best_mean = final, final.mean()
+            if args.probe_every and global_step % args.probe_every == 0:
+                probes.append(np.asarray(probe(rs["learner"]["actor"], probe_state, probe_keys)))
+                probe_steps.append(global_step)
+            bar.set_postfix(eval=f"{final.mean():.1f}", env=f"{env_time / train_time:.0%}")
+        bar.close()
+        if probes:  # (probe, seed, agent, sample, action dim)
+            probes = {"diffusion": {"steps": probe_steps, "actions": np.stack(probes)}}
+            np.savez(os.path.join(run_dir, "probes.npz"), steps=probe_steps, actions=probes["diffusion"]["actions"])
+            dims = (0, min(1, env.act_dim - 1))  # one-joint agents: dim 0 against itself
+            plot_probes(probes, dims, os.path.join(run_dir, "probe.png"), env_id)
+        total_timesteps = global_step  # --total-timesteps rounded down to whole chunks
+        if args.save_model:
+            ckpt = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
+            with open(os.path.join(run_dir, "model.flax"), "wb") as f:
+                f.write(flax.serialization.to_bytes(ckpt))
+    metrics_file.close()
+    plot_curve(rows, os.path.join(run_dir, "learning_curve.png"), f"DDPL on {env_id}")
+    summary = {
+        "script": os.path.basename(__file__),
+        "env_id": env_id,
+        "total_timesteps": total_timesteps,
+        "num_seeds": args.num_seeds,
+        "final_eval_return": stats(final),
+        "best_eval_return": stats(best),
+        "wall_time_s": round(time.time() - script_start, 2),
+        "sps": round(sps, 1),
+        "eval_only": args.eval_only,
+    }
+    if not args.eval_only:  # where the time went: env steps/s of training alone and the MuJoCo share of it
+        summary |= {f"{k}_time_s": round(v, 2) for k, v in times.items()}
+        summary["train_sps"] = round(total_timesteps / times["train"], 1)
+    # summary.json last: its presence marks a complete run folder
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    for run in wandb_runs:
+        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+        run.finish()
+    print(f"final eval return {summary['final_eval_return']['mean']:.1f} +- {summary['final_eval_return']['std']:.1f}")
+    if not args.eval_only:
+        print(f"training {times['train']:.0f} s ({summary['train_sps']} env steps/s per seed, MuJoCo steps "
+              f"{times['env'] / times['train']:.1%} of it), evaluation {times['eval']:.0f} s")  # fmt: skip
+    print(f"wrote {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
