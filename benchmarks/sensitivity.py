@@ -24,7 +24,7 @@ SCHEDULES = ("linear", "cosine", "vp")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--map", default="3s_vs_5z", help="SMAX map (default: 3s_vs_5z, as the paper's Fig. 5)")
-    parser.add_argument("--total-timesteps", type=int, default=20_000, help="env steps per seed and setting")
+    parser.add_argument("--total-timesteps", type=int, default=15_000, help="env steps per seed and setting")
     parser.add_argument("--learning-starts", type=int, default=5_000, help="random env steps before updates")
     parser.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     parser.add_argument("--num-seeds", type=int, default=3, help="seeds per setting, vmapped in one process")
