@@ -26,7 +26,7 @@ TINY |= dict(hidden_size=16, num_diffusion_steps=3, buffer_size=9, updates_per_i
 
 
 def standin(**kwargs):
-    torch = pytest.importorskip("torch")  # the CI's second venv (requirements-isaaclab-ci.txt) has a CPU torch
+    torch = pytest.importorskip("torch")  # the CI's second venv (.ci/run: requirements-isaaclab.txt + torch) has torch
     from isaaclab_standin import StandInMARLEnv
 
     return torch, StandInMARLEnv(**kwargs)
