@@ -281,8 +281,18 @@ def mish(x):
     return x * n / (n + 2.0)
 
 
+def step_embedding(k):
+    """Sinusoidal embedding of the denoising step k (any shape) -> (..., 16)."""
+    angles = jnp.asarray(k)[..., None].astype(jnp.float32) * jnp.exp(-jnp.log(1000.0) * jnp.arange(8) / 8)
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
 class ScoreNet(nn.Module):
-    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o]."""
+    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o].
+
+    __call__ defines the network (and its parameters). The sampler evaluates the same function in two parts:
+    condition(o), the observation's share of the first layer, once per chain, then denoise(x_k, k, c) at every step.
+    """
 
     action_dim: int
     hidden: int = 256
@@ -290,12 +300,25 @@ class ScoreNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, k, obs):
-        freqs = jnp.exp(-jnp.log(1000.0) * jnp.arange(8) / 8)
-        angles = k[..., None].astype(jnp.float32) * freqs
-        h = jnp.concatenate([x, jnp.sin(angles), jnp.cos(angles), obs], axis=-1)
+        h = jnp.concatenate([x, step_embedding(k), obs], axis=-1)
         for _ in range(self.num_layers):
             h = mish(nn.Dense(self.hidden)(h))
         return nn.Dense(self.action_dim)(h)
+
+    def condition(self, obs):
+        """o @ W_o + b of the first layer [x, emb(k), o] @ W + b: the same at every denoising step."""
+        first = self.variables["params"]["Dense_0"]
+        return obs @ first["kernel"][self.action_dim + 16 :] + first["bias"]
+
+    def denoise(self, x, k, cond):
+        """__call__(x, k, o) given cond = condition(o); k a scalar step shared by all rows."""
+        p = self.variables["params"]
+        w = p["Dense_0"]["kernel"]
+        h = mish(x @ w[: self.action_dim] + step_embedding(k) @ w[self.action_dim : self.action_dim + 16] + cond)
+        for i in range(1, self.num_layers + 1):
+            h = h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+            h = mish(h) if i < self.num_layers else h
+        return h
 
 
 def sample_actions(apply_fn, params, obs, key, sched, action_dim):
@@ -307,11 +330,12 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
     K = sched["betas"].shape[0]
     keys = jax.random.split(key, K + 1)
     x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
+    cond = apply_fn(params, obs, method="condition")  # the observation's share of the first layer, once per chain
 
     def step(x, inp):
         k, step_key = inp  # k runs K..1
         i = k - 1
-        eps = apply_fn(params, x, jnp.full(x.shape[:-1], k), obs)
+        eps = apply_fn(params, x, k, cond, method="denoise")
         # x0 prediction clipped to the action box (as in DACER), then the DDPM posterior mean
         x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
         noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)

@@ -15,9 +15,9 @@ policy update and the TD target's next action differ:
 - ddpl-m2:   DDPL with M = 2, the fewest samples for which the self-normalised weights still differ
 - ddpl-fused (candidate speed-up, not in the scripts): the TD next actions and the ISSM proposals drawn in one
              sampler call of B (M + 1) rows instead of two, the same distribution
-- ddpl-pre   (candidate speed-up, not in the scripts): the sampler computes the observation's and the step
-             embedding's share of the score network's first layer once per chain instead of at every step (and
-             once per state, not per proposal); the same function up to float rounding (checked at start)
+- ddpl-unsplit (the scripts before the split first layer): the sampler runs the whole score network, the
+             observation's share of the first layer included, at every denoising step; the same function up to
+             float rounding (checked at start)
 
 All methods are decentralised (one update per agent, vmapped over agents), as DDPL is; the paper ran DACER and QVPO
 centrally on the joint observation and action. The rounds interleave the methods, so machine noise hits all alike;
@@ -43,40 +43,29 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import ddpl_gaussian_ablation as ablation  # noqa: E402
-from ddpl_smax import SMAXArrays, TwinCritic, dsm_loss, issm_weights, mish, sample_actions, valid_maps  # noqa: E402
+from ddpl_smax import SMAXArrays, TwinCritic, dsm_loss, issm_weights, sample_actions, valid_maps  # noqa: E402
 
-METHODS = ("ddpl", "ddpl-m2", "ddpl-fused", "ddpl-pre", "dacer", "qvpo", "gaussian")
+METHODS = ("ddpl", "ddpl-m2", "ddpl-fused", "ddpl-unsplit", "dacer", "qvpo", "gaussian")
 QVPO_TRAIN_SAMPLES, QVPO_TARGET_SAMPLES, QVPO_BEHAVIOUR_SAMPLES = 64, 4, 4  # QVPO's official defaults
 QVPO_ENTROPY_SAMPLES, QVPO_ENTROPY_WEIGHT = 10, 0.02
 
 
-def sample_first_layer_once(params, obs, key, sched, action_dim, num_samples=None):
-    """ddpl-pre: sample_actions for ScoreNet with the first layer split as [x, emb(k), o] @ W = x @ W_x + (emb(k) @ W_e
-    + b) + o @ W_o; the last two terms are computed once per chain (num_samples: draw that many per observation)."""
-    p, K = params["params"], sched["betas"].shape[0]
-    w, A = p["Dense_0"]["kernel"], action_dim
-    freqs = jnp.exp(-jnp.log(1000.0) * jnp.arange(8) / 8)  # ScoreNet's step embedding
-    angles = jnp.arange(1, K + 1, dtype=jnp.float32)[:, None] * freqs
-    step_part = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1) @ w[A : A + 16] + p["Dense_0"]["bias"]
-    obs_part = obs @ w[A + 16 :]
-    shape = obs.shape[:-1] + (A,)
-    if num_samples:
-        obs_part, shape = obs_part[..., None, :], obs.shape[:-1] + (num_samples, A)
+def sample_unsplit(apply_fn, params, obs, key, sched, action_dim):
+    """ddpl-unsplit: the sampler as it was before the split first layer, the whole network (observation included)
+    at every step; the same keys and function as sample_actions, up to float rounding (checked at start)."""
+    K = sched["betas"].shape[0]
     keys = jax.random.split(key, K + 1)
-    layers = [p[f"Dense_{i}"] for i in range(1, len(p))]
 
     def step(x, inp):
         k, step_key = inp
         i = k - 1
-        h = mish(x @ w[:A] + step_part[i] + obs_part)
-        for layer in layers[:-1]:
-            h = mish(h @ layer["kernel"] + layer["bias"])
-        eps = h @ layers[-1]["kernel"] + layers[-1]["bias"]
+        eps = apply_fn(params, x, jnp.full(x.shape[:-1], k), obs)
         x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
         noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
         return sched["c1"][i] * x0 + sched["c2"][i] * x + noise, None
 
-    x_0, _ = jax.lax.scan(step, jax.random.normal(keys[0], shape), (jnp.arange(K, 0, -1), keys[1:]))
+    x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
+    x_0, _ = jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))
     return jnp.clip(x_0, -1.0, 1.0)
 
 
@@ -123,7 +112,7 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
             x0 = jnp.concatenate([chosen, uniform], axis=1)
             weights = jnp.concatenate([w, jnp.full((B, QVPO_ENTROPY_SAMPLES), QVPO_ENTROPY_WEIGHT)], axis=1)
             return jax.grad(dsm_loss, argnums=1)(score_apply, p["actor"], b["obs"], x0, k_dsm, sched, weights)
-        if method in ("ddpl-fused", "ddpl-pre"):  # proposals came with the TD next actions
+        if method in ("ddpl-fused", "ddpl-unsplit"):  # proposals came with the TD next actions
             weights = issm_weights(q_fn(proposals), cfg.eta, cfg.standardize_q)
             return jax.grad(dsm_loss, argnums=1)(score_apply, p["actor"], b["obs"], proposals, key, sched, weights)
         loss = lambda th: actor_loss(th, p["actor"], b["obs"], jnp.ones(B), q_fn, key)[0]  # noqa: E731
@@ -134,10 +123,11 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
         proposals = None
         if method == "qvpo":
             next_action = best_of(p, p["critic_target"], b["next_obs"], b["next_state"], QVPO_TARGET_SAMPLES, k_next)
-        elif method == "ddpl-pre":
-            next_action = sample_first_layer_once(p["actor"], b["next_obs"], k_next, sched, A)
+        elif method == "ddpl-unsplit":
+            next_action = sample_unsplit(score_apply, p["actor"], b["next_obs"], k_next, sched, A)
             k_next, k_pol = jax.random.split(k_pol)
-            proposals = sample_first_layer_once(p["actor"], b["obs"], k_next, sched, A, M)
+            obs = jnp.broadcast_to(b["obs"][:, None], (B, M, D))
+            proposals = sample_unsplit(score_apply, p["actor"], obs, k_next, sched, A)
         elif method == "ddpl-fused":
             obs = jnp.concatenate([jnp.broadcast_to(b["obs"][:, None], (B, M, D)), b["next_obs"][:, None]], axis=1)
             x = sample_actions(score_apply, p["actor"], obs, k_next, sched, A)
@@ -167,8 +157,8 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
         if method == "qvpo":
             behave = lambda p, o, k: best_of(p, p["critic"], o, state, QVPO_BEHAVIOUR_SAMPLES, k)  # noqa: E731
             return jax.vmap(behave)(params, obs, keys)
-        if method == "ddpl-pre":
-            return jax.vmap(lambda p, o, k: sample_first_layer_once(p["actor"], o, k, sched, A))(params, obs, keys)
+        if method == "ddpl-unsplit":
+            return jax.vmap(lambda p, o, k: sample_unsplit(score_apply, p["actor"], o, k, sched, A))(params, obs, keys)
         return jax.vmap(lambda p, o, k: sample(p["actor"], o, k))(params, obs, keys)
 
     params = jax.vmap(init)(jax.random.split(jax.random.PRNGKey(0), N))
@@ -178,14 +168,15 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
 def update_flops(method: str, N, D, S, A, B, K, M, H=256) -> float:
     """Matmul FLOPs of one update of all agents, ddpl or dacer (2 per multiply-add; a backward pass = 2 forwards)."""
     score = 2 * ((A + 16 + D) * H + 2 * H * H + H * A)  # per row: input layer, 2 hidden layers, output
+    chain = 2 * D * H + K * (score - 2 * D * H)  # per row of the sampler: the observation's share once (split layer)
     critic = 2 * 2 * ((S + A) * H + 2 * H * H + H)  # twin heads
-    per_agent = K * B * score + B * critic  # TD target: sampler at o', target critics
+    per_agent = B * chain + B * critic  # TD target: sampler at o', target critics
     per_agent += 3 * B * critic  # critic forward and backward
     if method == "ddpl":
-        per_agent += K * B * M * score + B * M * critic  # ISSM proposals from pi^t and their Qbar
+        per_agent += B * M * chain + B * M * critic  # ISSM proposals from pi^t and their Qbar
         per_agent += 3 * B * M * score  # weighted DSM forward and backward
     else:  # dacer: the sampler forward, then Qbar and everything back through the chain
-        per_agent += 3 * K * B * score + 3 * B * critic
+        per_agent += 3 * B * chain + 3 * B * critic
     return N * per_agent
 
 
@@ -230,15 +221,16 @@ def main() -> int:
           f"jax {jax.__version__}")  # fmt: skip
     print(f"{args.map}: N={N} agents, obs {D}, state {S}, action {A}; B={B}, K={K}, M={M}")
 
-    if "ddpl-pre" in methods:  # the candidate sampler must be the scripts' sampler, up to float rounding
+    if "ddpl-unsplit" in methods:  # the old sampler must compute the scripts' function, up to float rounding
         _, _, params = build("ddpl", args, N, D, S, A)
         actor = jax.tree.map(lambda v: v[0], params["actor"])
         apply = ablation.ScoreNet(action_dim=A).apply
         sched = ablation.make_noise_schedule("cosine", K)
         o = jnp.broadcast_to(batch["obs"][0][:, None], (B, M, D))
         ref = jax.jit(lambda p, o, k: sample_actions(apply, p, o, k, sched, A))(actor, o, key)
-        pre = jax.jit(lambda p, o, k: sample_first_layer_once(p, o, k, sched, A, M))(actor, batch["obs"][0], key)
-        print(f"ddpl-pre vs the scripts' sampler, same key: max abs difference {float(jnp.abs(ref - pre).max()):.1e}")
+        old = jax.jit(lambda p, o, k: sample_unsplit(apply, p, o, k, sched, A))(actor, o, key)
+        diff = float(jnp.abs(ref - old).max())
+        print(f"ddpl-unsplit vs the scripts' sampler, same key: max abs difference {diff:.1e}")
     train, infer, compile_s = {}, {}, {}
     for m in methods:
         start = time.perf_counter()
