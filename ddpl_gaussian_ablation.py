@@ -26,6 +26,7 @@ import jaxmarl
 import numpy as np
 import optax
 import tyro
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxmarl.environments.smax import map_name_to_scenario
 from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
 from jaxmarl.registration import registered_envs
@@ -43,7 +44,7 @@ class Args:
     seed: int = 0
     """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
     num_seeds: int = 1
-    """independent runs, vmapped in one process"""
+    """independent runs, vmapped in one process; the seed axis is split over all local devices (a multiple of them)"""
     track: bool = False
     """log to Weights & Biases as well (one W&B run per seed and policy class)"""
     wandb_project_name: str = "ddpl"
@@ -753,16 +754,29 @@ def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
     plt.close(fig)
 
 
+def seed_placement():
+    """(lanes, whole): the seed axis split over all local devices (a 1-D mesh "seed"), and a replicated placement.
+
+    Every jitted call takes and returns seed-major arrays placed by `lanes`, so each device trains its own block of
+    seeds and the host only gathers metrics. On one device both are that device and nothing changes.
+    """
+    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
+    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
+
+
 def train_one(args: Args, env, policy: str, label: str, seeds, log, bar_desc: str):
     """Train one policy class for all seeds; returns final/best eval arrays, sps and the probes."""
     from tqdm import tqdm
 
     start_compile = time.time()
     init, train_chunk, evaluate, probe, steps_per_chunk, num_chunks = make_train(args, env, policy)
-    rs = jax.jit(jax.vmap(init))(seeds)
-    train_chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)), donate_argnums=0)
+    lanes, whole = seed_placement()
+    rs = jax.jit(jax.vmap(init), out_shardings=lanes)(seeds)
+    train_chunk = jax.vmap(train_chunk, in_axes=(0, None))
+    train_chunk = jax.jit(train_chunk, in_shardings=(lanes, whole), out_shardings=lanes, donate_argnums=0)
     train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()
-    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None)))
+    evaluate = jax.vmap(evaluate, in_axes=(0, 0, None))
+    evaluate = jax.jit(evaluate, in_shardings=(lanes, lanes, whole), out_shardings=lanes)
     probe = jax.jit(jax.vmap(probe))
     print(f"{label}: compiled in {time.time() - start_compile:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps")
     start, best, best_mean, probes, probe_steps = time.time(), None, -np.inf, [], []
@@ -798,6 +812,11 @@ def main(args: Args) -> int:
     if error := validate(args):
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.num_seeds % jax.local_device_count():  # the seed axis is split evenly over the local devices
+        n, backend = jax.local_device_count(), jax.default_backend()
+        print(f"error: --num-seeds {args.num_seeds} is not a multiple of the {n} local {backend} devices the seeds are "
+              f"split over; use a multiple of {n}", file=sys.stderr)  # fmt: skip
+        return 2
     env_id = f"SMAX_{args.map}" if args.env == "smax" else args.env_id
     gaussian = f"gaussian-{args.projection}"
     labels = ["diffusion", gaussian] if args.compare else ["diffusion" if args.policy == "diffusion" else gaussian]
@@ -809,7 +828,8 @@ def main(args: Args) -> int:
     script_start = time.time()
 
     env = make_env(args)
-    seeds = jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed
+    seeds = jax.device_put(jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed, seed_placement()[0])
+    print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seeds.addressable_shards})
     metric_names = ("episodic_return", "win_rate", "train_return", "train_win_rate", *UPDATE_METRICS)
     if args.env == "mpe":  # MPE has no wins
         metric_names = tuple(m for m in metric_names if "win" not in m)
@@ -871,6 +891,7 @@ def main(args: Args) -> int:
         "policy": labels[-1],
         "total_timesteps": total_timesteps,
         "num_seeds": args.num_seeds,
+        "num_devices": jax.local_device_count(),
         **{k: v for k, v in subject.items() if k != "sps"},
         "wall_time_s": round(time.time() - script_start, 2),
         "sps": subject["sps"],

@@ -25,6 +25,7 @@ import jaxmarl
 import numpy as np
 import optax
 import tyro
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxmarl.environments.smax import map_name_to_scenario
 from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
 
@@ -42,7 +43,7 @@ class Args:
     seed: int = 0
     """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
     num_seeds: int = 1
-    """independent runs, vmapped in one process"""
+    """independent runs, vmapped in one process; the seed axis is split over all local devices (a multiple of them)"""
     track: bool = False
     """log to Weights & Biases as well (one W&B run per seed)"""
     wandb_project_name: str = "ddpl"
@@ -644,6 +645,16 @@ def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
     plt.close(fig)
 
 
+def seed_placement():
+    """(lanes, whole): the seed axis split over all local devices (a 1-D mesh "seed"), and a replicated placement.
+
+    Every jitted call takes and returns seed-major arrays placed by `lanes`, so each device trains its own block of
+    seeds and the host only gathers metrics. On one device both are that device and nothing changes.
+    """
+    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
+    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
+
+
 def main(args: Args) -> int:
     if error := validate(args):
         print(f"error: {error}", file=sys.stderr)
@@ -652,6 +663,11 @@ def main(args: Args) -> int:
     if args.eval_only:  # the policy's architecture and map come from the checkpoint
         args = replace(args, **{k: ckpt["config"][k] for k in POLICY_FIELDS})
         args = replace(args, num_seeds=int(jax.tree.leaves(ckpt["actor"])[0].shape[0]))
+    if args.num_seeds % jax.local_device_count():  # the seed axis is split evenly over the local devices
+        n, backend = jax.local_device_count(), jax.default_backend()
+        print(f"error: --num-seeds {args.num_seeds} is not a multiple of the {n} local {backend} devices the seeds are "
+              f"split over; use a multiple of {n}", file=sys.stderr)  # fmt: skip
+        return 2
     env_id = f"SMAX_{args.map}"
     run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)
@@ -662,10 +678,13 @@ def main(args: Args) -> int:
 
     env = SMAXArrays(args.map)
     init, train_chunk, evaluate, probe, steps_per_chunk, num_chunks = make_train(args, env)
-    seeds = jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed
+    lanes, whole = seed_placement()
+    seeds = jax.device_put(jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed, lanes)
+    print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seeds.addressable_shards})
     # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
     rs_shape = jax.eval_shape(jax.vmap(init), seeds)
-    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None)))
+    evaluate = jax.vmap(evaluate, in_axes=(0, 0, None))
+    evaluate = jax.jit(evaluate, in_shardings=(lanes, lanes, whole), out_shardings=lanes)
     evaluate = evaluate.lower(rs_shape["learner"]["actor"], seeds, jnp.int32(0)).compile()
     wandb_runs = []
     if args.track:  # one W&B run per seed, grouped by run name: seeds are never averaged silently
@@ -692,7 +711,7 @@ def main(args: Args) -> int:
 
     if args.eval_only:
         global_step = int(ckpt["global_step"])
-        returns, wins = map(np.asarray, evaluate(ckpt["actor"], seeds, jnp.int32(global_step)))
+        returns, wins = map(np.asarray, evaluate(jax.device_put(ckpt["actor"], lanes), seeds, jnp.int32(global_step)))
         log(global_step, {"episodic_return": returns, "win_rate": wins}, 0.0, time.time() - script_start)
         final, final_win, best = returns, wins, returns
         sps, total_timesteps = 0.0, global_step
@@ -704,10 +723,13 @@ def main(args: Args) -> int:
         buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rs_shape["buffer"])) / 1e9
         print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim}, world state {env.state_dim}; "
               f"replay buffer {buffer_gb:.2f} GB for {args.num_seeds} seed(s); compiling...", flush=True)  # fmt: skip
-        rs = jax.jit(jax.vmap(init))(seeds)
-        train_chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, None)), donate_argnums=0)
+        rs = jax.jit(jax.vmap(init), out_shardings=lanes)(seeds)
+        train_chunk = jax.vmap(train_chunk, in_axes=(0, None))
+        train_chunk = jax.jit(train_chunk, in_shardings=(lanes, whole), out_shardings=lanes, donate_argnums=0)
         train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()  # compile once, outside the timed loop
-        print(f"compiled in {time.time() - script_start:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps/seed")
+        devices = {d for leaf in jax.tree.leaves(rs) for d in leaf.devices()}  # where the training state lives
+        print(f"compiled in {time.time() - script_start:.0f} s; runner state on {len(devices)} device(s); "
+              f"{num_chunks} chunks x {steps_per_chunk} steps/seed")  # fmt: skip
         start, final, best, best_mean = time.time(), None, None, -np.inf
         probe, probes, probe_steps = jax.jit(jax.vmap(probe)), [], []
         if args.probe_every:  # before the first update, then every --probe-every env steps
@@ -752,6 +774,7 @@ def main(args: Args) -> int:
         "env_id": env_id,
         "total_timesteps": total_timesteps,
         "num_seeds": args.num_seeds,
+        "num_devices": jax.local_device_count(),
         "final_eval_return": stats(final),
         "best_eval_return": stats(best),
         "final_win_rate": stats(final_win),

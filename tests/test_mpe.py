@@ -121,6 +121,76 @@ def test_same_seed_same_metrics(runs):
     assert not (runs[1] / "model.flax").exists()
 
 
+def tiny(seed, num_seeds):
+    """TINY with another seed block."""
+    flags = list(TINY)
+    flags[flags.index("--seed") + 1], flags[flags.index("--num-seeds") + 1] = str(seed), str(num_seeds)
+    return flags
+
+
+TWO_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def seed_blocks(tmp_path_factory):
+    """TINY's seeds 3 and 4 trained three more ways, side by side: split over two (forced) CPU devices, and as two
+    separate one-seed processes (--seed 3 and --seed 4). Returns {name: (run folder, stdout)}."""
+    tmp = tmp_path_factory.mktemp("scale")
+    flags = {"two_devices": tiny(3, 2), "seed3": tiny(3, 1), "seed4": tiny(4, 1)}
+    procs = {}
+    for name, f in flags.items():
+        cmd = [sys.executable, os.path.join(ROOT, "ddpl_mpe.py"), *f, "--runs-dir", str(tmp / name)]
+        env = TWO_DEVICES if name == "two_devices" else None
+        procs[name] = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+        out[name] = (next((tmp / name).iterdir()), stdout)
+    return out
+
+
+def numeric_rows(rows):
+    return np.array([[float(r[c]) for c in COLUMNS if c not in ("sps", "wall_time")] for r in rows])
+
+
+def test_sharded_seeds_match_the_unsharded_run(runs, seed_blocks):
+    run_dir, stdout = seed_blocks["two_devices"]
+    assert "seeds per device: {'cpu:0': [3], 'cpu:1': [4]}" in stdout  # one seed lane on each device
+    assert "runner state on 2 device(s)" in stdout
+    assert json.loads((run_dir / "summary.json").read_text())["num_devices"] == 2
+    # the same per-seed metrics as the one-device run (runs[1], the same flags), up to float rounding
+    np.testing.assert_allclose(numeric_rows(read_rows(run_dir)), numeric_rows(read_rows(runs[1])), rtol=1e-5)
+
+
+def test_seed_blocks_of_separate_processes_merge_into_the_one_process_table(runs, seed_blocks, tmp_path):
+    def aggregate(*run_dirs, out):
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "aggregate.py"), *map(str, run_dirs)]
+        res = subprocess.run([*cmd, "--out-dir", str(out)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        with open(out / "table.csv", newline="") as f:
+            return (out / "table.md").read_text(), list(csv.DictReader(f))
+
+    merged_md, merged = aggregate(seed_blocks["seed3"][0], seed_blocks["seed4"][0], out=tmp_path / "merged")
+    one_md, one = aggregate(runs[1], out=tmp_path / "one")
+    assert merged_md == one_md
+    assert (merged[0]["seeds"], merged[0]["num_runs"], one[0]["num_runs"]) == ("3 4", "2", "1")
+    for key in ("best_mean", "best_std", "final_mean", "final_std"):
+        assert float(merged[0][key]) == pytest.approx(float(one[0][key]), rel=1e-6), key
+    summary = json.loads((runs[1] / "summary.json").read_text())  # the script's own Table 1 statistic
+    assert float(one[0]["best_mean"]) == pytest.approx(summary["best_eval_return"]["mean"], rel=1e-9)
+    assert (tmp_path / "merged" / "learning_curves.png").stat().st_size > 0
+
+
+def test_num_seeds_must_be_a_multiple_of_the_devices(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "ddpl_mpe.py"), *tiny(0, 3), "--runs-dir", str(tmp_path / "runs")]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=TWO_DEVICES)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--num-seeds 3 is not a multiple of the 2 local cpu devices" in lines[0], res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
