@@ -6,7 +6,7 @@ prints a Markdown table of the final and best evaluation return and the final wi
 saves one figure with both sweeps.
 
     python benchmarks/sensitivity.py                                  # the CPU budget (see docs/benchmarks.md)
-    python benchmarks/sensitivity.py --total-timesteps 2000000 --eval-every 100000   # the paper's budget (a GPU)
+    python benchmarks/sensitivity.py --total-timesteps 2000000 --learning-starts 10000 --eval-every 100000  # a GPU
     python benchmarks/sensitivity.py --ks 5,20 --schedules cosine     # a subset
 """
 
@@ -24,8 +24,8 @@ SCHEDULES = ("linear", "cosine", "vp")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--map", default="3s_vs_5z", help="SMAX map (default: 3s_vs_5z, as the paper's Fig. 5)")
-    parser.add_argument("--total-timesteps", type=int, default=15_000, help="env steps per seed and setting")
-    parser.add_argument("--learning-starts", type=int, default=5_000, help="random env steps before updates")
+    parser.add_argument("--total-timesteps", type=int, default=10_000, help="env steps per seed and setting")
+    parser.add_argument("--learning-starts", type=int, default=2_500, help="random env steps before updates")
     parser.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     parser.add_argument("--num-seeds", type=int, default=3, help="seeds per setting, vmapped in one process")
     parser.add_argument("--ks", default="5,10,20,50", help="K values swept with the cosine schedule")
