@@ -101,6 +101,9 @@ class Args:
     """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3), for both classes"""
     num_action_samples: int = 4
     """M: actions per state for ISSM, the reverse-KL expectation and the forward fit (ours); >= 2"""
+    issm_batch_size: int = 0
+    """B_p: states of the batch that train the policy step, both classes (ours; the critic step uses all B);
+    0: batch_size // num_action_samples, as the DDPL scripts"""
     standardize_q: bool = True
     """standardise Qbar over each state's M samples before eta multiplies it (ours), for both classes"""
     reward_scale: float = 1.0
@@ -148,6 +151,8 @@ def validate(args: Args) -> str | None:
         return f"--env-id: unknown {args.env_id!r}; valid ids: {', '.join(valid)}"
     if args.env == "smax" and args.map not in MAP_NAME_TO_SCENARIO:
         return f"--map: unknown SMAX map {args.map!r}; valid maps: {', '.join(sorted(MAP_NAME_TO_SCENARIO))}"
+    if not 0 <= args.issm_batch_size <= args.batch_size:
+        return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if args.num_action_samples < 2:
         return f"--num-action-samples must be >= 2 (per-state normalised weights), got {args.num_action_samples}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
@@ -562,6 +567,7 @@ def make_train(args: Args, env, policy: str):
     """
     N, D, S, A = env.num_agents, env.obs_dim, env.state_dim, env.act_dim
     E, B = args.num_envs, args.batch_size
+    Bp = args.issm_batch_size or max(1, B // args.num_action_samples)  # states per policy step (the DDPL scripts' B_p)
     iters_per_chunk = args.eval_every // E
     num_iterations = (args.total_timesteps // (iters_per_chunk * E)) * iters_per_chunk
     num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
@@ -603,12 +609,17 @@ def make_train(args: Args, env, policy: str):
         critic = optax.apply_updates(p["critic"], updates)
 
         def q_fn(actions):  # Qbar_i = min of the twin ONLINE critics, just updated (as the DDPL scripts)
-            states = jnp.broadcast_to(shared["state"][:, None], (*actions.shape[:2], S))
+            states = jnp.broadcast_to(shared["state"][: actions.shape[0], None], (*actions.shape[:2], S))
             return jnp.minimum(*critic_net.apply(critic, states, actions))
 
         old = jax.lax.stop_gradient(p["actor"])  # pi^t
         (a_loss, (max_weight, action_std)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
-            p["actor"], old, mine["obs"], mine["alive"], q_fn, k_actor
+            p["actor"],
+            old,
+            mine["obs"][:Bp],
+            mine["alive"][:Bp],
+            q_fn,
+            k_actor,  # the first B_p states, both classes
         )
         updates, actor_opt = tx.update(grads, p["actor_opt"])
         actor = optax.apply_updates(p["actor"], updates)

@@ -96,6 +96,9 @@ class Args:
     """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
     num_action_samples: int = 4
     """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
+    issm_batch_size: int = 0
+    """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
+    0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
     standardize_q: bool = True
     """standardise Qbar over each state's M samples before the softmax: eta becomes scale-free (ours)"""
     reward_scale: float = 1.0
@@ -150,6 +153,8 @@ def validate(args: Args) -> str | None:
             return f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax ({type(e).__name__}: {e})"
     if args.noise_schedule not in NOISE_SCHEDULES:
         return f"--noise-schedule: unknown {args.noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}"
+    if not 0 <= args.issm_batch_size <= args.batch_size:
+        return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if args.num_action_samples < 2:
         return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
@@ -424,6 +429,7 @@ def make_train(args: Args, env: IsaacAdapter, num_iterations: int):
     policy(actor, obs, key). All are per seed; train() jits and vmaps them over seeds and runs the env loop."""
     N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
     E, B, M = env.num_envs, args.batch_size, args.num_action_samples
+    Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
     num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
     sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
     score_net = ScoreNet(action_dim=A, hidden=args.hidden_size)
@@ -482,15 +488,17 @@ def make_train(args: Args, env: IsaacAdapter, num_iterations: int):
         (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(p["critic"])
         updates, critic_opt = tx.update(grads, p["critic_opt"])
         critic = optax.apply_updates(p["critic"], updates)
-        # ISSM (eq. 2): M proposals per state from pi^t (no gradient flows through the sampler), self-normalised
-        # weights softmax_j(eta * Qbar) with Qbar = min of the twin ONLINE critics, just updated above. Truncated
+        # ISSM (eq. 2) on the first B_p states of the batch (a uniform subset: rows are drawn i.i.d.): M proposals
+        # per state from pi^t (no gradient flows through the sampler), self-normalised weights softmax_j(eta * Qbar)
+        # with Qbar = min of the twin ONLINE critics, just updated above. Truncated
         # rows keep their (true) state s here: only their s' is wrong.
+        obs, state = mine["obs"][:Bp], shared["state"][:Bp]
         proposals = sample_actions(
-            score_net.apply, p["actor"], jnp.broadcast_to(mine["obs"][:, None], (B, M, D)), k_prop, sched, A
+            score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
         )
-        q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(shared["state"][:, None], (B, M, S)), proposals))
+        q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(state[:, None], (Bp, M, S)), proposals))
         a_loss, grads = jax.value_and_grad(issm_loss, argnums=1)(
-            score_net.apply, p["actor"], mine["obs"], proposals, q, k_dsm, sched, args.eta, args.standardize_q
+            score_net.apply, p["actor"], obs, proposals, q, k_dsm, sched, args.eta, args.standardize_q
         )
         updates, actor_opt = tx.update(grads, p["actor_opt"])
         actor = optax.apply_updates(p["actor"], updates)

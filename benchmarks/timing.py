@@ -4,17 +4,17 @@ Every method gets the same networks (Table 3: 3x256 mish), batch (256), K (20), 
 averaged-Q critics on the SMAX world state, one Adam step, Polyak target), taken from the scripts themselves; only the
 policy update and the TD target's next action differ:
 
-- ddpl:      ISSM (eq. 2), M proposals per state from pi^t, weighted DSM; TD next action from the sampler
+- ddpl:      ISSM (eq. 2) on B_p of the B states (--issm-batch-size, default B / M as in the scripts), M proposals
+             per state from pi^t, weighted DSM; TD next action from the sampler
              (ddpl_gaussian_ablation.make_policy("diffusion"), the same code as ddpl_smax.py's update)
+- ddpl-full-batch: the same with B_p = B, i.e. M proposals for every state of the batch (the scripts before B_p)
 - dacer:     policy loss -Qbar(s, a_theta) back-propagated through the K-step sampler (Wang et al. 2024, without
              its entropy tuning, which costs one extra scalar)
 - qvpo:      Q-weighted DSM (Ding et al. 2024, the official defaults): 64 samples per state, the best one weighted
              by its advantage over their mean, plus 10 uniform actions per state weighted by 0.02 (entropy term);
              TD next action the best of 4 target samples
-- gaussian:  the reverse-KL Gaussian of ddpl_gaussian_ablation.py (make_policy("gaussian"))
-- ddpl-m2:   DDPL with M = 2, the fewest samples for which the self-normalised weights still differ
-- ddpl-fused (candidate speed-up, not in the scripts): the TD next actions and the ISSM proposals drawn in one
-             sampler call of B (M + 1) rows instead of two, the same distribution
+- gaussian:  the reverse-KL Gaussian of ddpl_gaussian_ablation.py (make_policy("gaussian")), its policy step on the
+             same B_p states
 - ddpl-unsplit (the scripts before the split first layer): the sampler runs the whole score network, the
              observation's share of the first layer included, at every denoising step; the same function up to
              float rounding (checked at start)
@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,7 +46,7 @@ import optax  # noqa: E402
 import ddpl_gaussian_ablation as ablation  # noqa: E402
 from ddpl_smax import SMAXArrays, TwinCritic, dsm_loss, issm_weights, sample_actions, valid_maps  # noqa: E402
 
-METHODS = ("ddpl", "ddpl-m2", "ddpl-fused", "ddpl-unsplit", "dacer", "qvpo", "gaussian")
+METHODS = ("ddpl", "ddpl-full-batch", "ddpl-unsplit", "dacer", "qvpo", "gaussian")
 QVPO_TRAIN_SAMPLES, QVPO_TARGET_SAMPLES, QVPO_BEHAVIOUR_SAMPLES = 64, 4, 4  # QVPO's official defaults
 QVPO_ENTROPY_SAMPLES, QVPO_ENTROPY_WEIGHT = 10, 0.02
 
@@ -72,8 +73,9 @@ def sample_unsplit(apply_fn, params, obs, key, sched, action_dim):
 def build(method: str, args, N: int, D: int, S: int, A: int):
     """(update, act, params) for one method: update(params, batch, key) -> params (one step of every agent),
     act(params, obs (N, D), state (S,), key) -> actions (N, A) for one env. params has the agents as leading axis."""
-    M = 2 if method == "ddpl-m2" else args.num_action_samples
-    cfg = ablation.Args(env="smax", num_action_samples=M, batch_size=args.batch_size)
+    M = args.num_action_samples
+    cfg = ablation.Args(env="smax", num_action_samples=M, batch_size=args.batch_size, hidden_size=args.hidden_size)
+    cfg = replace(cfg, num_diffusion_steps=args.num_diffusion_steps)
     policy = "gaussian" if method == "gaussian" else "diffusion"
     init_actor, sample, actor_loss = ablation.make_policy(cfg, policy, A)
     critic_net = TwinCritic(hidden=cfg.hidden_size)
@@ -81,6 +83,7 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
     score_apply = ablation.ScoreNet(action_dim=A, hidden=cfg.hidden_size).apply
     tx = optax.adam(optax.linear_schedule(cfg.learning_rate, cfg.learning_rate_end, 10_000))
     B = cfg.batch_size
+    Bp = B if method == "ddpl-full-batch" else issm_rows(args)  # states of the policy step
 
     def init(key):
         k_actor, k_critic = jax.random.split(key)
@@ -98,7 +101,7 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
         return jnp.take_along_axis(cands, best[..., None, None], axis=-2)[..., 0, :]
 
     def policy_grads(p, critic, b, key, proposals=None):
-        q_fn = lambda a: min_q(critic, b["state"][:, None], a)  # noqa: E731
+        q_fn = lambda a: min_q(critic, b["state"][: a.shape[0], None], a)  # noqa: E731
         if method == "dacer":  # -Q(s, a_theta) through the whole reverse chain
             return jax.grad(lambda th: -q_fn(sample(th, b["obs"][:, None], key)).mean())(p["actor"])
         if method == "qvpo":
@@ -112,10 +115,10 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
             x0 = jnp.concatenate([chosen, uniform], axis=1)
             weights = jnp.concatenate([w, jnp.full((B, QVPO_ENTROPY_SAMPLES), QVPO_ENTROPY_WEIGHT)], axis=1)
             return jax.grad(dsm_loss, argnums=1)(score_apply, p["actor"], b["obs"], x0, k_dsm, sched, weights)
-        if method in ("ddpl-fused", "ddpl-unsplit"):  # proposals came with the TD next actions
+        if method == "ddpl-unsplit":  # proposals came from the old sampler
             weights = issm_weights(q_fn(proposals), cfg.eta, cfg.standardize_q)
-            return jax.grad(dsm_loss, argnums=1)(score_apply, p["actor"], b["obs"], proposals, key, sched, weights)
-        loss = lambda th: actor_loss(th, p["actor"], b["obs"], jnp.ones(B), q_fn, key)[0]  # noqa: E731
+            return jax.grad(dsm_loss, argnums=1)(score_apply, p["actor"], b["obs"][:Bp], proposals, key, sched, weights)
+        loss = lambda th: actor_loss(th, p["actor"], b["obs"][:Bp], jnp.ones(Bp), q_fn, key)[0]  # noqa: E731
         return jax.grad(loss)(p["actor"])
 
     def update_agent(p, b, key):
@@ -126,12 +129,8 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
         elif method == "ddpl-unsplit":
             next_action = sample_unsplit(score_apply, p["actor"], b["next_obs"], k_next, sched, A)
             k_next, k_pol = jax.random.split(k_pol)
-            obs = jnp.broadcast_to(b["obs"][:, None], (B, M, D))
+            obs = jnp.broadcast_to(b["obs"][:Bp, None], (Bp, M, D))
             proposals = sample_unsplit(score_apply, p["actor"], obs, k_next, sched, A)
-        elif method == "ddpl-fused":
-            obs = jnp.concatenate([jnp.broadcast_to(b["obs"][:, None], (B, M, D)), b["next_obs"][:, None]], axis=1)
-            x = sample_actions(score_apply, p["actor"], obs, k_next, sched, A)
-            proposals, next_action = x[:, :M], x[:, M]
         else:
             next_action = sample(p["actor"], b["next_obs"], k_next)
         y = b["reward"] + cfg.gamma * (1.0 - b["terminal"]) * min_q(p["critic_target"], b["next_state"], next_action)
@@ -165,16 +164,22 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
     return jax.jit(update), jax.jit(act), params
 
 
-def update_flops(method: str, N, D, S, A, B, K, M, H=256) -> float:
-    """Matmul FLOPs of one update of all agents, ddpl or dacer (2 per multiply-add; a backward pass = 2 forwards)."""
+def issm_rows(args) -> int:
+    """B_p as the scripts resolve --issm-batch-size (0: B // M)."""
+    return args.issm_batch_size or max(1, args.batch_size // args.num_action_samples)
+
+
+def update_flops(method: str, N, D, S, A, B, K, M, Bp, H=256) -> float:
+    """Matmul FLOPs of one update of all agents, ddpl (ISSM on Bp states) or dacer (2 per multiply-add; a backward
+    pass = 2 forwards)."""
     score = 2 * ((A + 16 + D) * H + 2 * H * H + H * A)  # per row: input layer, 2 hidden layers, output
     chain = 2 * D * H + K * (score - 2 * D * H)  # per row of the sampler: the observation's share once (split layer)
     critic = 2 * 2 * ((S + A) * H + 2 * H * H + H)  # twin heads
     per_agent = B * chain + B * critic  # TD target: sampler at o', target critics
     per_agent += 3 * B * critic  # critic forward and backward
-    if method == "ddpl":
-        per_agent += B * M * chain + B * M * critic  # ISSM proposals from pi^t and their Qbar
-        per_agent += 3 * B * M * score  # weighted DSM forward and backward
+    if method.startswith("ddpl"):
+        per_agent += Bp * M * chain + Bp * M * critic  # ISSM proposals from pi^t and their Qbar
+        per_agent += 3 * Bp * M * score  # weighted DSM forward and backward
     else:  # dacer: the sampler forward, then Qbar and everything back through the chain
         per_agent += 3 * B * chain + 3 * B * critic
     return N * per_agent
@@ -197,18 +202,23 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--batch-size", type=int, default=256, help="transitions per update (Table 3: 256)")
     parser.add_argument("--num-action-samples", type=int, default=4, help="M of DDPL (the scripts' default: 4)")
+    parser.add_argument("--issm-batch-size", type=int, default=0, help="B_p of DDPL (0, the scripts' default: B / M)")
+    parser.add_argument("--hidden-size", type=int, default=256, help="width of all networks (Table 3: 256)")
+    parser.add_argument("--num-diffusion-steps", type=int, default=20, help="K (Table 3: 20)")
     parser.add_argument("--rounds", type=int, default=30, help="timed calls per method, interleaved")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS] or ([] if args.map in valid_maps() else [args.map])
-    if bad or args.rounds < 1 or not {"ddpl", "dacer", "gaussian"} <= set(methods):
+    small = min(args.rounds, args.hidden_size, args.num_diffusion_steps, args.issm_batch_size + 1) < 1
+    if bad or small or not {"ddpl", "dacer", "gaussian"} <= set(methods):
         print(f"error: --methods must include ddpl,dacer,gaussian from {', '.join(METHODS)}; --map one of "
-              f"{', '.join(valid_maps())}; --rounds >= 1", file=sys.stderr)  # fmt: skip
+              f"{', '.join(valid_maps())}; --rounds, --hidden-size, --num-diffusion-steps >= 1; --issm-batch-size >= 0",
+              file=sys.stderr)  # fmt: skip
         return 2
 
     env = SMAXArrays(args.map)
     N, D, S, A = env.num_agents, env.obs_dim, env.state_dim, env.act_dim
-    B, K, M = args.batch_size, 20, args.num_action_samples
+    B, K, M, H = args.batch_size, args.num_diffusion_steps, args.num_action_samples, args.hidden_size
     key = jax.random.PRNGKey(1)
     batch = {  # random data of the right shapes: the cost does not depend on the values
         "obs": jax.random.normal(key, (N, B, D)), "next_obs": jax.random.normal(key, (N, B, D)),
@@ -219,14 +229,15 @@ def main() -> int:
     obs, state = jax.random.normal(key, (N, D)), jax.random.normal(key, (S,))
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU threads, "
           f"jax {jax.__version__}")  # fmt: skip
-    print(f"{args.map}: N={N} agents, obs {D}, state {S}, action {A}; B={B}, K={K}, M={M}")
+    Bp = min(issm_rows(args), B)
+    print(f"{args.map}: N={N} agents, obs {D}, state {S}, action {A}; B={B}, K={K}, M={M}, B_p={Bp}")
 
     if "ddpl-unsplit" in methods:  # the old sampler must compute the scripts' function, up to float rounding
         _, _, params = build("ddpl", args, N, D, S, A)
         actor = jax.tree.map(lambda v: v[0], params["actor"])
-        apply = ablation.ScoreNet(action_dim=A).apply
+        apply = ablation.ScoreNet(action_dim=A, hidden=H).apply
         sched = ablation.make_noise_schedule("cosine", K)
-        o = jnp.broadcast_to(batch["obs"][0][:, None], (B, M, D))
+        o = jnp.broadcast_to(batch["obs"][0][:Bp, None], (Bp, M, D))
         ref = jax.jit(lambda p, o, k: sample_actions(apply, p, o, k, sched, A))(actor, o, key)
         old = jax.jit(lambda p, o, k: sample_unsplit(apply, p, o, k, sched, A))(actor, o, key)
         diff = float(jnp.abs(ref - old).max())
@@ -254,8 +265,10 @@ def main() -> int:
     for m in methods:
         ratio = train_ms[m] / train_ms["ddpl"]
         print(f"{m:>11} {train_ms[m]:9.2f} {ratio:7.2f} {infer_ms[m]:9.3f} {compile_s[m]:9.1f}")
-    for m in ("ddpl", "dacer"):
-        flops = update_flops(m, N, D, S, A, B, K, M)
+    for m in ("ddpl", "ddpl-full-batch", "dacer"):
+        if m not in methods:
+            continue
+        flops = update_flops(m, N, D, S, A, B, K, M, B if m == "ddpl-full-batch" else Bp, H)
         achieved = flops / (train_ms[m] * 1e-3) / 1e9
         print(f"{m.upper()} update: {flops / 1e9:.2f} GFLOP of matmuls, {achieved:.0f} GFLOP/s, "
               f"{achieved / peak:.0%} of an fp32 matmul ({x.shape[0]}x256 @ 256x256): {peak:.0f} GFLOP/s")  # fmt: skip

@@ -14,17 +14,39 @@ from conftest import REPO_ROOT
 TIMING = str(REPO_ROOT / "benchmarks" / "timing.py")
 
 
-def test_timing_prints_a_table_and_the_ratios_line_last():
-    cmd = [sys.executable, TIMING, "--rounds", "1", "--batch-size", "8", "--methods", "ddpl,dacer,gaussian"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
-    for method in ("ddpl", "dacer", "gaussian"):
+def test_gpu_reproduce_smoke_writes_timing_and_mpe_results(tmp_path):
+    """benchmarks/gpu_reproduce.sh --smoke: the prepared GPU check on the CPU with tiny budgets. It also covers
+    timing.py as tools read it: one row per method, and the ratios line last."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    cmd = ["bash", str(REPO_ROOT / "benchmarks" / "gpu_reproduce.sh"), "--smoke", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
+    res = tmp_path / "out"
+    assert [line.split()[:2] for line in (res / "done.txt").read_text().splitlines()] == [
+        ["env", "exit=0"], ["timing", "exit=0"], ["mpe", "exit=0"]
+    ]  # fmt: skip
+    assert "backend cpu" in (res / "env.txt").read_text()
+    lines = (res / "timing.txt").read_text().strip().splitlines()
+    for method in ("ddpl", "ddpl-full-batch", "dacer", "gaussian"):
         row = [line.split() for line in lines if line.split()[:1] == [method]]
         assert row and float(row[0][1]) > 0 and float(row[0][3]) > 0, (method, lines)
+    assert "B=8, K=3, M=4, B_p=2" in "\n".join(lines)  # B_p resolves to B // M as in the scripts
     match = re.fullmatch(r"ratios: DDPL/DACER=(\d+\.\d\d) DDPL/Gaussian=(\d+\.\d\d)", lines[-1])
     assert match, lines[-1]
     assert all(float(x) > 0 for x in match.groups())
+    with open(res / "mpe_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["global_step"]) for r in rows] == [200, 400]
+    assert json.loads((res / "mpe_summary.json").read_text())["total_timesteps"] == 400
+    assert sorted(p.name for p in res.iterdir()) == sorted(
+        ["done.txt", "env.txt", "timing.txt", "mpe.log", "mpe_metrics.csv", "mpe_config.json", "mpe_summary.json"]
+    )  # at most 8 files, no subfolder: what the device tool brings back
+
+
+def test_gpu_reproduce_rejects_unknown_options_with_exit_code_2(tmp_path):
+    cmd = ["bash", str(REPO_ROOT / "benchmarks" / "gpu_reproduce.sh"), "--fast"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown option --fast")
 
 
 def test_timing_rejects_unknown_methods_with_exit_code_2():
