@@ -658,6 +658,19 @@ def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_ste
 
 
 # TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
+def divergence(metrics: dict, learner: dict) -> str | None:
+    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
+
+    A chunk without updates (warm-up) logs NaN losses by design, so the parameters decide: a non-finite loss or Q
+    reaches them at the next Adam step. Infinite losses or Q count at once."""
+    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
+    groups = [
+        k for k, v in learner.items() if not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(v)))
+    ]
+    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
+    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
+
+
 def stats(values) -> dict:
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
@@ -852,6 +865,10 @@ def main(args: Args) -> int:
             elapsed = time.time() - start
             sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
             log(global_step, metrics, sps, elapsed)
+            if reason := divergence(metrics, rs["learner"]):  # metrics.csv keeps this chunk; no summary.json
+                bar.close()
+                print(f"error: diverged at env step {global_step}: {reason}; {run_dir} is incomplete", file=sys.stderr)
+                return 1
             final = returns
             if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
                 best, best_mean = final, final.mean()

@@ -192,9 +192,17 @@ class SMAXArrays:
         self.agents = self.env.agents
         self.num_agents = self.env.num_allies
         self.obs_dim = self.env.observation_space(self.agents[0]).shape[0]
-        self.state_dim = self.env.state_size
+        self.state_dim = (self.env.num_allies + self.env.num_enemies) * len(self.env.own_features)  # every unit
         self.act_dim = len(self.env.continuous_action_dims)  # 4
         self.episode_length = self.env.max_steps + 1  # done is raised when step >= max_steps: at most 101 steps
+
+    def critic_state(self, state) -> jax.Array:
+        """The critics' input: every unit's features as SMAX builds them for a unit's own observation (health,
+        position / map size, weapon cooldown / its maximum clipped to [0, 1], type one-hot; zeros when dead).
+        The env's world_state has the same features unscaled (positions 0-32, cooldowns drifting to about -50)
+        plus constant team and type ids: critics on it start with offsets larger than the whole return."""
+        units = jnp.arange(self.env.num_allies + self.env.num_enemies)
+        return jax.vmap(self.env._get_own_features, (None, 0))(state.state, units).reshape(-1)
 
     def alive(self, state) -> jax.Array:
         return state.state.unit_alive[: self.num_agents]  # allies first, then enemies
@@ -203,7 +211,7 @@ class SMAXArrays:
         """(obs, world_state, state). Weak types are made strong, or a jitted step recompiles on a stepped state."""
         obs, state = self.env.reset(key)
         state = jax.tree.map(lambda x: jnp.asarray(x, jnp.asarray(x).dtype), state)
-        return jnp.stack([obs[a] for a in self.agents]), obs["world_state"], state
+        return jnp.stack([obs[a] for a in self.agents]), self.critic_state(state), state
 
     def to_env_action(self, action):
         """Learner actions in [-1, 1] (the sampler clips) -> [eps, 1 - eps], affinely. The env does NOT clip."""
@@ -230,7 +238,7 @@ class SMAXArrays:
         next_obs = jnp.stack([obs_st[a] for a in self.agents])
         return {
             "next_obs": next_obs,
-            "next_world_state": obs_st["world_state"],
+            "next_world_state": self.critic_state(state_st),
             "reward": reward[self.agents[0]],  # the team reward, identical for every ally
             # a whole team dead ends the episode; the step-101 time limit is truncation (done, not terminal)
             "terminal": (allies_dead | enemies_dead).astype(jnp.float32),
@@ -239,7 +247,7 @@ class SMAXArrays:
             "alive": self.alive(state),  # allies alive at s
             "next_alive": self.alive(state_st),  # allies alive at s' (before any reset)
             "obs": jnp.where(done, obs_re, next_obs),
-            "world_state": jnp.where(done, world_state_re, obs_st["world_state"]),
+            "world_state": jnp.where(done, world_state_re, self.critic_state(state_st)),
             "state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st),
         }
 
@@ -593,6 +601,19 @@ def make_train(args: Args, env: SMAXArrays):
 
 
 # TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
+def divergence(metrics: dict, learner: dict) -> str | None:
+    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
+
+    A chunk without updates (warm-up) logs NaN losses by design, so the parameters decide: a non-finite loss or Q
+    reaches them at the next Adam step. Infinite losses or Q count at once."""
+    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
+    groups = [
+        k for k, v in learner.items() if not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(v)))
+    ]
+    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
+    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
+
+
 def stats(values) -> dict:
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
@@ -756,6 +777,10 @@ def main(args: Args) -> int:
             elapsed = time.time() - start
             sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
             log(global_step, metrics, sps, elapsed)
+            if reason := divergence(metrics, rs["learner"]):  # metrics.csv keeps this chunk; no summary.json
+                bar.close()
+                print(f"error: diverged at env step {global_step}: {reason}; {run_dir} is incomplete", file=sys.stderr)
+                return 1
             final, final_win = metrics["episodic_return"], metrics["win_rate"]
             if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
                 best, best_mean = final, final.mean()

@@ -147,7 +147,7 @@ def short():
 
 
 def test_dims_of_the_paper_maps():
-    for map_name, dims in (("3s_vs_5z", (3, 101, 96, 4, 101)), ("6h_vs_8z", (6, 179, 168, 4, 101))):
+    for map_name, dims in (("3s_vs_5z", (3, 101, 80, 4, 101)), ("6h_vs_8z", (6, 179, 140, 4, 101))):
         env = ddpl_smax.SMAXArrays(map_name)
         assert (env.num_agents, env.obs_dim, env.state_dim, env.act_dim, env.episode_length) == dims
 
@@ -156,6 +156,17 @@ def test_actions_map_into_the_open_unit_box(short):
     env = short[0]
     a = env.to_env_action(jnp.array([-1.0, 0.0, 1.0, 3.0, -7.0]))
     np.testing.assert_allclose(np.asarray(a), [1e-3, 0.5, 1 - 1e-3, 1 - 1e-3, 1e-3], rtol=1e-6)
+
+
+def scaled_world_state(env, world_state):
+    """The critics' input built from jaxmarl's raw world_state (units x [health, x, y, cooldown, type one-hot], then
+    team and type ids): positions / map size, cooldown / the type's maximum clipped to [0, 1], ids dropped."""
+    U, F = env.env.num_allies + env.env.num_enemies, len(env.env.own_features)
+    units = np.array(world_state[..., : U * F]).reshape(*world_state.shape[:-1], U, F)
+    types = np.asarray(world_state[..., -U:], dtype=int)
+    units[..., 1:3] /= np.array([env.env.map_width, env.env.map_height])
+    units[..., 3] = np.clip(units[..., 3] / np.asarray(env.env.unit_type_weapon_cooldowns)[types], 0.0, 1.0)
+    return units.reshape(*world_state.shape[:-1], U * F)
 
 
 def test_step_matches_jaxmarl_and_keeps_the_true_last_observation(short):
@@ -177,7 +188,8 @@ def test_step_matches_jaxmarl_and_keeps_the_true_last_observation(short):
         # equal up to float32 rounding: the two programs fuse the position arithmetic differently
         close = dict(rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out["obs"], jnp.stack([obs_n[a] for a in env.agents], axis=1), **close)
-        np.testing.assert_allclose(out["world_state"], obs_n["world_state"], **close)
+        np.testing.assert_allclose(out["world_state"], scaled_world_state(env, obs_n["world_state"]), **close)
+        assert (out["world_state"] >= 0).all() and (out["world_state"] <= 1).all()  # critic inputs stay bounded
         for x, y in zip(jax.tree.leaves(out["state"]), jax.tree.leaves(state_n), strict=True):
             np.testing.assert_allclose(x, y, **close)
         np.testing.assert_allclose(out["reward"], reward_n[env.agents[0]], **close)
@@ -191,6 +203,25 @@ def test_step_matches_jaxmarl_and_keeps_the_true_last_observation(short):
             assert (out["next_obs"] != out["obs"]).any(axis=(1, 2)).all()
             assert (out["next_world_state"] != out["world_state"]).any(axis=1).all()
         state = out["state"]
+
+
+def test_critic_inputs_stay_bounded_over_random_episodes():
+    """Whole random episodes on 3s_vs_5z: jaxmarl's raw world_state leaves any fixed range (positions up to 32,
+    cooldowns below 0), the critics' input stays in [0, 1] and is the scaled raw state throughout."""
+    env = ddpl_smax.SMAXArrays("3s_vs_5z")
+    obs, critic_state, state = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), 8))
+
+    def step(state, key):
+        k_act, k_env = jax.random.split(key)
+        action = jax.random.uniform(k_act, (8, env.num_agents, 4), minval=-1.0, maxval=1.0)
+        out = jax.vmap(env.step)(jax.random.split(k_env, 8), state, action)
+        return out["state"], (out["next_world_state"], jax.vmap(env.env.get_world_state)(out["state"]))
+
+    _, (critic, raw) = jax.jit(lambda s: jax.lax.scan(step, s, jax.random.split(jax.random.PRNGKey(1), 150)))(state)
+    critic, raw = np.asarray(critic), np.asarray(raw)
+    assert raw.max() > 10 and raw.min() < -1  # the raw state: map units and drifting cooldowns
+    assert critic.min() >= 0.0 and critic.max() <= 1.0
+    assert critic[..., 1:80:10].max() > 0.3  # positions are there, scaled (not all zero)
 
 
 def test_win_draw_loss_and_dead_allies(short):
