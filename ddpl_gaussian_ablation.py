@@ -32,8 +32,9 @@ from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
 from jaxmarl.registration import registered_envs
 
 NOISE_SCHEDULES = ("linear", "cosine", "vp")
+WEIGHT_RULES = ("state", "batch", "raw")  # --weight-rule: the scale of Qbar in the ISSM softmax
 ENVS, POLICIES, PROJECTIONS = ("mpe", "smax"), ("gaussian", "diffusion"), ("reverse", "forward")
-UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "action_std")
+UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta", "action_std")
 PROBE_SAMPLES = 512  # actions drawn per agent and probe
 
 
@@ -104,8 +105,11 @@ class Args:
     issm_batch_size: int = 0
     """B_p: states of the batch that train the policy step, both classes (ours; the critic step uses all B);
     0: batch_size // num_action_samples, as the DDPL scripts"""
-    standardize_q: bool = True
-    """standardise Qbar over each state's M samples before eta multiplies it (ours), for both classes"""
+    weight_rule: str = "state"
+    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
+    batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
+    target_ess: float = 0.0
+    """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
     reward_scale: float = 1.0
     """multiplies rewards in the TD target (ours)"""
     team_reward: bool = True
@@ -153,6 +157,10 @@ def validate(args: Args) -> str | None:
         return f"--map: unknown SMAX map {args.map!r}; valid maps: {', '.join(sorted(MAP_NAME_TO_SCENARIO))}"
     if not 0 <= args.issm_batch_size <= args.batch_size:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
+    if args.weight_rule not in WEIGHT_RULES:
+        return f"--weight-rule: unknown {args.weight_rule!r}; choose from {', '.join(WEIGHT_RULES)}"
+    if not 0 <= args.target_ess < 1:
+        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
     if args.num_action_samples < 2:
         return f"--num-action-samples must be >= 2 (per-state normalised weights), got {args.num_action_samples}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
@@ -335,20 +343,25 @@ def gaussian_log_prob(x, mean, log_std):
     return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
 
 
-def alive_issm_weights(q, alive, eta, standardize):
+def alive_issm_weights(weights, alive):
     """ISSM weights (B, M) with rows where the agent is dead at s left out (ddpl_smax.py): mean over the living."""
-    weights = issm_weights(q, eta, standardize) * alive[:, None]
-    return weights * alive.shape[0] / jnp.maximum(alive.sum(), 1.0)
+    return weights * alive[:, None] * alive.shape[0] / jnp.maximum(alive.sum(), 1.0)
+
+
+def living_mean(x, alive):
+    return (x * alive).sum() / jnp.maximum(alive.sum(), 1.0)
 
 
 def make_policy(args: Args, policy: str, A: int):
     """The policy class: init(key, D), sample(params, obs, key) -> actions in [-1, 1], and
-    actor_loss(params, old_params, obs, alive, q_fn, key) -> (loss, (max_weight, action_std)).
+    actor_loss(params, old_params, obs, alive, q_fn, temp, key) -> (loss, (temp, [max_weight, ess, eta, action_std])).
 
     old_params is pi^t, the parameters before this update (no gradient flows into them); q_fn(actions (B, M, A)) gives
-    Qbar_i(s, a) (B, M) from the just-updated online critics; alive (B,) in {0, 1} masks rows where the agent is dead.
+    Qbar_i(s, a) (B, M) from the just-updated online critics; alive (B,) in {0, 1} masks rows where the agent is dead;
+    temp is issm_temperature's state: both classes see Qbar through the same --weight-rule and eta.
     """
     M = args.num_action_samples
+    temperature = (args.weight_rule, args.eta, args.target_ess)  # issm_temperature's arguments, both classes
     if policy == "diffusion":  # DDPL: ISSM on M actions drawn from pi^t (eq. 2), exactly as the DDPL scripts
         sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
         net = ScoreNet(action_dim=A, hidden=args.hidden_size)
@@ -359,14 +372,13 @@ def make_policy(args: Args, policy: str, A: int):
         def sample(params, obs, key):
             return sample_actions(net.apply, params, obs, key, sched, A)
 
-        def actor_loss(params, old_params, obs, alive, q_fn, key):
+        def actor_loss(params, old_params, obs, alive, q_fn, temp, key):
             k_prop, k_dsm = jax.random.split(key)
             proposals = sample(old_params, jnp.broadcast_to(obs[:, None], (obs.shape[0], M, obs.shape[-1])), k_prop)
-            q = q_fn(proposals)
-            weights = alive_issm_weights(q, alive, args.eta, args.standardize_q)
-            loss = dsm_loss(net.apply, params, obs, proposals, k_dsm, sched, weights)
-            max_weight = issm_weights(q, args.eta, args.standardize_q).max(axis=-1).mean()
-            return loss, (max_weight, proposals.std(axis=1).mean())
+            weights, temp, ess, eta = issm_temperature(temp, q_fn(proposals), *temperature, alive)
+            loss = dsm_loss(net.apply, params, obs, proposals, k_dsm, sched, alive_issm_weights(weights, alive))
+            stats = [living_mean(weights.max(-1), alive), ess, eta, proposals.std(axis=1).mean()]
+            return loss, (temp, jnp.stack(stats))
 
         return init, sample, actor_loss
 
@@ -379,13 +391,13 @@ def make_policy(args: Args, policy: str, A: int):
         mean, log_std = net.apply(params, obs)
         return jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), -1.0, 1.0)
 
-    def standardized(q):  # the same per-state standardisation the ISSM weights use; constants carry no gradient
-        if not args.standardize_q:
-            return q
-        mean, std = q.mean(axis=-1, keepdims=True), q.std(axis=-1, keepdims=True)
-        return (q - jax.lax.stop_gradient(mean)) / jax.lax.stop_gradient(std + 1e-6)
+    def scaled(q, temp):  # Qbar as the ISSM softmax sees it under --weight-rule; the scale carries no gradient
+        if args.weight_rule == "state":
+            mean, std = q.mean(axis=-1, keepdims=True), q.std(axis=-1, keepdims=True)
+            return (q - jax.lax.stop_gradient(mean)) / jax.lax.stop_gradient(std + 1e-6)
+        return q / (jnp.maximum(temp["q_scale"], 1e-6) if args.weight_rule == "batch" else 1.0)
 
-    def actor_loss(params, old_params, obs, alive, q_fn, key):
+    def actor_loss(params, old_params, obs, alive, q_fn, temp, key):
         mean, log_std = net.apply(params, obs)
         old_mean, old_log_std = net.apply(old_params, obs)
         mask = alive[:, None] / jnp.maximum(alive.mean(), 1e-6)  # mean over the rows where the agent is alive
@@ -394,18 +406,19 @@ def make_policy(args: Args, policy: str, A: int):
             # min_theta E_{a ~ pi_theta}[log pi_theta(a|o) - log pi^t(a|o) - eta Qbar(s, a)], reparameterised (Thm 3.1)
             x = mean[:, None] + jnp.exp(log_std)[:, None] * eps
             q = q_fn(jnp.clip(x, -1.0, 1.0))
+            weights, temp, ess, eta = issm_temperature(temp, jax.lax.stop_gradient(q), *temperature, alive)
             log_ratio = gaussian_log_prob(x, mean[:, None], log_std[:, None])
             log_ratio -= gaussian_log_prob(x, old_mean[:, None], old_log_std[:, None])
-            loss = jnp.mean(mask * (log_ratio - args.eta * standardized(q)))
+            loss = jnp.mean(mask * (log_ratio - eta * scaled(q, temp)))
             x = jnp.clip(x, -1.0, 1.0)
         else:
             # forward KL (ours): weighted maximum likelihood of M actions from pi^t with the self-normalised weights
             x = jnp.clip(old_mean[:, None] + jnp.exp(old_log_std)[:, None] * eps, -1.0, 1.0)
-            q = q_fn(x)
-            weights = alive_issm_weights(q, alive, args.eta, args.standardize_q)
-            loss = -jnp.mean(jnp.sum(weights * gaussian_log_prob(x, mean[:, None], log_std[:, None]), axis=-1))
-        max_weight = issm_weights(q, args.eta, args.standardize_q).max(axis=-1).mean()
-        return loss, (max_weight, x.std(axis=1).mean())  # spread of the M actions per state, as for diffusion
+            weights, temp, ess, eta = issm_temperature(temp, q_fn(x), *temperature, alive)
+            log_lik = gaussian_log_prob(x, mean[:, None], log_std[:, None])
+            loss = -jnp.mean(jnp.sum(alive_issm_weights(weights, alive) * log_lik, axis=-1))
+        stats = [living_mean(weights.max(-1), alive), ess, eta, x.std(axis=1).mean()]  # x's spread: as for diffusion
+        return loss, (temp, jnp.stack(stats))
 
     return init, sample, actor_loss
 
@@ -530,20 +543,49 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
     return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
 
 
-def issm_weights(q, eta, standardize):
-    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j)) over the M samples of a state.
+def issm_weights(q, eta, q_scale=None):
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state.
 
-    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). standardize
-    divides Qbar by its per-state std over the M samples first, which makes eta scale-free (ours).
+    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None divides
+    each state's Qbar by its own std over the M samples (the sharpness is then fixed, whatever the Q differences);
+    a number divides every state by the same scale (ours: --weight-rule, ALGORITHM.md sec. 4).
     """
-    if standardize:
+    if q_scale is None:
         q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
+    else:
+        q = q / q_scale
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
-def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, standardize):
+def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, q_scale=None):
     """ISSM (eq. 2): DSM on M actions drawn from pi^t per state, weighted toward pi^t exp(eta Qbar)."""
-    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, standardize))
+    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, q_scale))
+
+
+def weight_ess(weights):
+    """Effective sample size of each state's weights as a fraction of M: 1 / (M sum_j w_j^2), in [1/M, 1]."""
+    return 1.0 / (weights.shape[-1] * jnp.sum(weights**2, axis=-1))
+
+
+def issm_temperature(temp, q, rule, eta, target_ess, mask=None, rate=0.01):
+    """ISSM weights (B, M) at this update's temperature -> (weights, new temp, mean ESS fraction, eta_t). Ours.
+
+    rule "state": each state's Qbar standardised over its M samples; "batch": Qbar over one scale for all states,
+    a running mean (rate per update) of the batch's mean within-state std, so states whose samples barely differ
+    get near-uniform weights; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent,
+    as SAC tunes its alpha: log_eta rises while the weights' mean ESS fraction exceeds the target, falls below it.
+    mask (B,) in {0, 1} leaves rows out of both averages (dead SMAX allies). temp: {"log_eta", "q_scale"}, zeros.
+    """
+    mask = jnp.ones(q.shape[0]) if mask is None else mask
+    mean = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)  # noqa: E731
+    std = mean(q.std(axis=-1))
+    q_scale = jnp.where(temp["q_scale"] > 0, (1.0 - rate) * temp["q_scale"] + rate * std, std)
+    scale = {"state": None, "batch": jnp.maximum(q_scale, 1e-6), "raw": 1.0}[rule]
+    eta_t = eta * jnp.exp(temp["log_eta"])
+    weights = issm_weights(q, eta_t, scale)
+    ess = mean(weight_ess(weights))
+    log_eta = temp["log_eta"] + (rate * (ess - target_ess) if target_ess > 0 else 0.0)
+    return weights, {"log_eta": log_eta, "q_scale": q_scale}, ess, eta_t
 
 
 class TwinCritic(nn.Module):
@@ -596,6 +638,7 @@ def make_train(args: Args, env, policy: str):
         )
         learner = {"actor": actor, "critic": critic, "critic_target": critic}
         learner |= {"actor_opt": jax.vmap(tx.init)(actor), "critic_opt": jax.vmap(tx.init)(critic)}
+        learner["temp"] = {"log_eta": jnp.zeros(N), "q_scale": jnp.zeros(N)}  # issm_temperature's state per agent
         obs, world_state, env_state = jax.vmap(env.reset)(jax.random.split(k_env, E))
         rs = {"learner": learner, "buffer": buffer_init(args.buffer_size, N, D, S, A), "env_state": env_state}
         return rs | {"obs": obs, "world_state": world_state, "ep_return": jnp.zeros(E), "key": key}
@@ -621,19 +664,15 @@ def make_train(args: Args, env, policy: str):
             return jnp.minimum(*critic_net.apply(critic, states, actions))
 
         old = jax.lax.stop_gradient(p["actor"])  # pi^t
-        (a_loss, (max_weight, action_std)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
-            p["actor"],
-            old,
-            mine["obs"][:Bp],
-            mine["alive"][:Bp],
-            q_fn,
-            k_actor,  # the first B_p states, both classes
+        obs, alive = mine["obs"][:Bp], mine["alive"][:Bp]  # the policy step's B_p states, both classes
+        (a_loss, (temp, stats)), grads = jax.value_and_grad(actor_loss, has_aux=True)(
+            p["actor"], old, obs, alive, q_fn, p["temp"], k_actor
         )
         updates, actor_opt = tx.update(grads, p["actor_opt"])
         actor = optax.apply_updates(p["actor"], updates)
         critic_target = optax.incremental_update(critic, p["critic_target"], args.tau)  # Polyak (Table 3)
-        p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target}
-        return p | {"critic_opt": critic_opt}, jnp.stack([c_loss, a_loss, q_mean, max_weight, action_std])
+        p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target, "temp": temp}
+        return p | {"critic_opt": critic_opt}, jnp.concatenate([jnp.stack([c_loss, a_loss, q_mean]), stats])
 
     def update(rs, iteration, key):
         k_idx, k_agents = jax.random.split(key)

@@ -35,7 +35,8 @@ except Exception as e:  # without mujoco, gymnasium raises DependencyNotInstalle
     MAMUJOCO_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 NOISE_SCHEDULES = ("linear", "cosine", "vp")
-UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight")
+WEIGHT_RULES = ("state", "batch", "raw")  # --weight-rule: the scale of Qbar in the ISSM softmax
+UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
 METRICS = ("episodic_return", "episode_length", "train_return", *UPDATE_METRICS, "env_share")
 PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
 # what a checkpoint fixes: the policy's inputs and architecture, and the episode that --eval-only plays
@@ -133,8 +134,11 @@ class Args:
     issm_batch_size: int = 0
     """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
     0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
-    standardize_q: bool = True
-    """standardise Qbar over each state's M samples before the softmax: eta becomes scale-free (ours)"""
+    weight_rule: str = "state"
+    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
+    batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
+    target_ess: float = 0.0
+    """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
     reward_scale: float | None = None
     """multiplies rewards in the TD target (ours); None: 0.01 on HumanoidStandup (333 x torso height + 1), else 1"""
     eval_every: int = 20_000
@@ -216,6 +220,10 @@ def validate(args: Args) -> str | None:
         return f"--noise-schedule: unknown {args.noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}"
     if not 0 <= args.issm_batch_size <= args.batch_size:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
+    if args.weight_rule not in WEIGHT_RULES:
+        return f"--weight-rule: unknown {args.weight_rule!r}; choose from {', '.join(WEIGHT_RULES)}"
+    if not 0 <= args.target_ess < 1:
+        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
     if args.num_action_samples < 2:
         return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
@@ -478,20 +486,49 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
     return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
 
 
-def issm_weights(q, eta, standardize):
-    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j)) over the M samples of a state.
+def issm_weights(q, eta, q_scale=None):
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state.
 
-    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). standardize
-    divides Qbar by its per-state std over the M samples first, which makes eta scale-free (ours).
+    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None divides
+    each state's Qbar by its own std over the M samples (the sharpness is then fixed, whatever the Q differences);
+    a number divides every state by the same scale (ours: --weight-rule, ALGORITHM.md sec. 4).
     """
-    if standardize:
+    if q_scale is None:
         q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
+    else:
+        q = q / q_scale
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
-def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, standardize):
+def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, q_scale=None):
     """ISSM (eq. 2): DSM on M actions drawn from pi^t per state, weighted toward pi^t exp(eta Qbar)."""
-    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, standardize))
+    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, q_scale))
+
+
+def weight_ess(weights):
+    """Effective sample size of each state's weights as a fraction of M: 1 / (M sum_j w_j^2), in [1/M, 1]."""
+    return 1.0 / (weights.shape[-1] * jnp.sum(weights**2, axis=-1))
+
+
+def issm_temperature(temp, q, rule, eta, target_ess, mask=None, rate=0.01):
+    """ISSM weights (B, M) at this update's temperature -> (weights, new temp, mean ESS fraction, eta_t). Ours.
+
+    rule "state": each state's Qbar standardised over its M samples; "batch": Qbar over one scale for all states,
+    a running mean (rate per update) of the batch's mean within-state std, so states whose samples barely differ
+    get near-uniform weights; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent,
+    as SAC tunes its alpha: log_eta rises while the weights' mean ESS fraction exceeds the target, falls below it.
+    mask (B,) in {0, 1} leaves rows out of both averages (dead SMAX allies). temp: {"log_eta", "q_scale"}, zeros.
+    """
+    mask = jnp.ones(q.shape[0]) if mask is None else mask
+    mean = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)  # noqa: E731
+    std = mean(q.std(axis=-1))
+    q_scale = jnp.where(temp["q_scale"] > 0, (1.0 - rate) * temp["q_scale"] + rate * std, std)
+    scale = {"state": None, "batch": jnp.maximum(q_scale, 1e-6), "raw": 1.0}[rule]
+    eta_t = eta * jnp.exp(temp["log_eta"])
+    weights = issm_weights(q, eta_t, scale)
+    ess = mean(weight_ess(weights))
+    log_eta = temp["log_eta"] + (rate * (ess - target_ess) if target_ess > 0 else 0.0)
+    return weights, {"log_eta": log_eta, "q_scale": q_scale}, ess, eta_t
 
 
 class TwinCritic(nn.Module):
@@ -552,6 +589,7 @@ def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
         )
         learner = {"actor": actor, "critic": critic, "critic_target": critic}
         learner |= {"actor_opt": jax.vmap(tx.init)(actor), "critic_opt": jax.vmap(tx.init)(critic)}
+        learner["temp"] = {"log_eta": jnp.zeros(N), "q_scale": jnp.zeros(N)}  # issm_temperature's state per agent
         return {"learner": learner, "buffer": buffer_init(args.buffer_size, N, S, A), "key": key}
 
     def act(actor, key, state, iteration):
@@ -592,15 +630,16 @@ def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
             score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
         )
         q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(state[:, None], (Bp, M, S)), proposals))
-        a_loss, grads = jax.value_and_grad(issm_loss, argnums=1)(
-            score_net.apply, p["actor"], obs, proposals, q, k_dsm, sched, args.eta, args.standardize_q
+        weights, temp, ess, eta = issm_temperature(p["temp"], q, args.weight_rule, args.eta, args.target_ess)
+        a_loss, grads = jax.value_and_grad(dsm_loss, argnums=1)(
+            score_net.apply, p["actor"], obs, proposals, k_dsm, sched, weights
         )
         updates, actor_opt = tx.update(grads, p["actor_opt"])
         actor = optax.apply_updates(p["actor"], updates)
         critic_target = optax.incremental_update(critic, p["critic_target"], args.tau)  # Polyak (Table 3)
-        max_weight = issm_weights(q, args.eta, args.standardize_q).max(axis=-1).mean()
-        p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target}
-        return p | {"critic_opt": critic_opt}, jnp.stack([c_loss, a_loss, q_mean, max_weight])
+        p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target, "temp": temp}
+        metrics = [c_loss, a_loss, q_mean, weights.max(axis=-1).mean(), ess, eta]
+        return p | {"critic_opt": critic_opt}, jnp.stack(metrics)
 
     def update(rs, iteration, key):
         k_idx, k_agents = jax.random.split(key)

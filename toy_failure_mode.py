@@ -254,20 +254,49 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
     return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
 
 
-def issm_weights(q, eta, standardize):
-    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j)) over the M samples of a state.
+def issm_weights(q, eta, q_scale=None):
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state.
 
-    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). standardize
-    divides Qbar by its per-state std over the M samples first, which makes eta scale-free (ours).
+    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None divides
+    each state's Qbar by its own std over the M samples (the sharpness is then fixed, whatever the Q differences);
+    a number divides every state by the same scale (ours: --weight-rule, ALGORITHM.md sec. 4).
     """
-    if standardize:
+    if q_scale is None:
         q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
+    else:
+        q = q / q_scale
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
-def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, standardize):
+def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, q_scale=None):
     """ISSM (eq. 2): DSM on M actions drawn from pi^t per state, weighted toward pi^t exp(eta Qbar)."""
-    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, standardize))
+    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, q_scale))
+
+
+def weight_ess(weights):
+    """Effective sample size of each state's weights as a fraction of M: 1 / (M sum_j w_j^2), in [1/M, 1]."""
+    return 1.0 / (weights.shape[-1] * jnp.sum(weights**2, axis=-1))
+
+
+def issm_temperature(temp, q, rule, eta, target_ess, mask=None, rate=0.01):
+    """ISSM weights (B, M) at this update's temperature -> (weights, new temp, mean ESS fraction, eta_t). Ours.
+
+    rule "state": each state's Qbar standardised over its M samples; "batch": Qbar over one scale for all states,
+    a running mean (rate per update) of the batch's mean within-state std, so states whose samples barely differ
+    get near-uniform weights; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent,
+    as SAC tunes its alpha: log_eta rises while the weights' mean ESS fraction exceeds the target, falls below it.
+    mask (B,) in {0, 1} leaves rows out of both averages (dead SMAX allies). temp: {"log_eta", "q_scale"}, zeros.
+    """
+    mask = jnp.ones(q.shape[0]) if mask is None else mask
+    mean = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)  # noqa: E731
+    std = mean(q.std(axis=-1))
+    q_scale = jnp.where(temp["q_scale"] > 0, (1.0 - rate) * temp["q_scale"] + rate * std, std)
+    scale = {"state": None, "batch": jnp.maximum(q_scale, 1e-6), "raw": 1.0}[rule]
+    eta_t = eta * jnp.exp(temp["log_eta"])
+    weights = issm_weights(q, eta_t, scale)
+    ess = mean(weight_ess(weights))
+    log_eta = temp["log_eta"] + (rate * (ess - target_ess) if target_ess > 0 else 0.0)
+    return weights, {"log_eta": log_eta, "q_scale": q_scale}, ess, eta_t
 
 
 class TwinCritic(nn.Module):
@@ -383,7 +412,7 @@ def make_run(args: Args, policy_class: str, init_score_params):
             def step(carry, k):
                 params, opt = carry
                 grads = jax.grad(issm_loss, argnums=1)(
-                    net.apply, params, obs, actions[..., None], q, k, sched, args.eta, False
+                    net.apply, params, obs, actions[..., None], q, k, sched, args.eta, 1.0
                 )
                 upd, opt = tx.update(grads, opt)
                 return (optax.apply_updates(params, upd), opt), None

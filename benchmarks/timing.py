@@ -116,9 +116,10 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
             weights = jnp.concatenate([w, jnp.full((B, QVPO_ENTROPY_SAMPLES), QVPO_ENTROPY_WEIGHT)], axis=1)
             return jax.grad(dsm_loss, argnums=1)(score_apply, p["actor"], b["obs"], x0, k_dsm, sched, weights)
         if method == "ddpl-unsplit":  # proposals came from the old sampler
-            weights = issm_weights(q_fn(proposals), cfg.eta, cfg.standardize_q)
+            weights = issm_weights(q_fn(proposals), cfg.eta)  # the default --weight-rule state
             return jax.grad(dsm_loss, argnums=1)(score_apply, p["actor"], b["obs"][:Bp], proposals, key, sched, weights)
-        loss = lambda th: actor_loss(th, p["actor"], b["obs"][:Bp], jnp.ones(Bp), q_fn, key)[0]  # noqa: E731
+        temp = {"log_eta": jnp.zeros(()), "q_scale": jnp.zeros(())}  # issm_temperature's state
+        loss = lambda th: actor_loss(th, p["actor"], b["obs"][:Bp], jnp.ones(Bp), q_fn, temp, key)[0]  # noqa: E731
         return jax.grad(loss)(p["actor"])
 
     def update_agent(p, b, key):

@@ -15,10 +15,12 @@ from toy_failure_mode import (
     TwinCritic,
     dsm_loss,
     issm_loss,
+    issm_temperature,
     issm_weights,
     make_noise_schedule,
     mish,
     sample_actions,
+    weight_ess,
 )
 
 SCHEDULES = ("linear", "cosine", "vp")
@@ -170,20 +172,20 @@ def _issm_batch(B=3, M=16, obs_dim=4, action_dim=2, seed=0):
     return obs, actions, q
 
 
-@pytest.mark.parametrize("standardize", [False, True])
-def test_issm_with_zero_eta_is_plain_dsm(standardize):
+@pytest.mark.parametrize("q_scale", [1.0, None])  # raw Qbar, per-state standardised
+def test_issm_with_zero_eta_is_plain_dsm(q_scale):
     B, M = 3, 16
     obs, actions, q = _issm_batch(B=B, M=M)
     net, params = _random_policy(obs_dim=4, action_dim=2)
     sched = make_noise_schedule("cosine", 20)
     key = jax.random.PRNGKey(7)
-    w = issm_weights(q, 0.0, standardize)
+    w = issm_weights(q, 0.0, q_scale)
     np.testing.assert_array_equal(np.asarray(w), np.full((B, M), 1.0 / M, dtype=np.float32))
     plain = dsm_loss(net.apply, params, obs, actions, key, sched)
-    issm0 = issm_loss(net.apply, params, obs, actions, q, key, sched, 0.0, standardize)
+    issm0 = issm_loss(net.apply, params, obs, actions, q, key, sched, 0.0, q_scale)
     np.testing.assert_allclose(float(issm0), float(plain), rtol=1e-6)
     # and eta > 0 does reweight (otherwise the equality above would be vacuous)
-    issm1 = issm_loss(net.apply, params, obs, actions, q, key, sched, 1.0, standardize)
+    issm1 = issm_loss(net.apply, params, obs, actions, q, key, sched, 1.0, q_scale)
     assert abs(float(issm1) - float(plain)) > 1e-4 * abs(float(plain))
 
 
@@ -213,7 +215,7 @@ def test_dsm_loss_matches_explicit_formula():
 def test_issm_weights_are_per_state_softmax():
     _, _, q = _issm_batch(B=4, M=32)
     eta = 0.7
-    w = np.asarray(issm_weights(q, eta, False), dtype=np.float64)
+    w = np.asarray(issm_weights(q, eta, 1.0), dtype=np.float64)
     np.testing.assert_allclose(w.sum(axis=-1), 1.0, atol=1e-6)
     z = eta * np.asarray(q, dtype=np.float64)
     ref = np.exp(z - z.max(axis=-1, keepdims=True))
@@ -223,38 +225,75 @@ def test_issm_weights_are_per_state_softmax():
         order = np.argsort(qs)
         assert np.all(np.diff(ws[order]) > 0)
     # normalised per state, not over the batch: shifting one state's Q leaves the others' weights alone
-    w_shift = np.asarray(issm_weights(q.at[1].add(100.0), eta, False))
+    w_shift = np.asarray(issm_weights(q.at[1].add(100.0), eta, 1.0))
     np.testing.assert_allclose(w_shift[[0, 2, 3]], w[[0, 2, 3]], rtol=1e-5)
 
 
 def test_issm_weights_standardized_are_scale_free():
     _, _, q = _issm_batch(B=4, M=32)
     eta = 2.0
-    w = np.asarray(issm_weights(q, eta, True))
-    np.testing.assert_allclose(np.asarray(issm_weights(10.0 * q + 3.0, eta, True)), w, rtol=1e-4, atol=1e-7)
+    w = np.asarray(issm_weights(q, eta))
+    np.testing.assert_allclose(np.asarray(issm_weights(10.0 * q + 3.0, eta)), w, rtol=1e-4, atol=1e-7)
     qn = np.asarray(q, dtype=np.float64)
     z = eta * (qn - qn.mean(-1, keepdims=True)) / qn.std(-1, keepdims=True)
     ref = np.exp(z - z.max(-1, keepdims=True))
     np.testing.assert_allclose(w, ref / ref.sum(-1, keepdims=True), rtol=1e-4, atol=1e-7)
     # without standardisation the same rescaling does change the weights
-    assert not np.allclose(
-        np.asarray(issm_weights(10.0 * q + 3.0, eta, False)), np.asarray(issm_weights(q, eta, False))
-    )
+    assert not np.allclose(np.asarray(issm_weights(10.0 * q + 3.0, eta, 1.0)), np.asarray(issm_weights(q, eta, 1.0)))
 
 
-@pytest.mark.parametrize("standardize", [False, True])
-def test_issm_weights_carry_no_gradient(standardize):
+@pytest.mark.parametrize("q_scale", [1.0, None])
+def test_issm_weights_carry_no_gradient(q_scale):
     obs, actions, q = _issm_batch(B=3, M=16)
     something = jax.random.normal(jax.random.PRNGKey(3), q.shape)
-    g = jax.grad(lambda q_: jnp.sum(issm_weights(q_, 1.5, standardize) * something))(q)
+    g = jax.grad(lambda q_: jnp.sum(issm_weights(q_, 1.5, q_scale) * something))(q)
     np.testing.assert_array_equal(np.asarray(g), 0.0)
     # nor does the ISSM loss send a gradient into Q (or the sampled actions' weights)
     net, params = _random_policy(obs_dim=4, action_dim=2)
     sched = make_noise_schedule("cosine", 20)
     g_loss = jax.grad(issm_loss, argnums=4)(
-        net.apply, params, obs, actions, q, jax.random.PRNGKey(0), sched, 1.5, standardize
+        net.apply, params, obs, actions, q, jax.random.PRNGKey(0), sched, 1.5, q_scale
     )
     np.testing.assert_array_equal(np.asarray(g_loss), 0.0)
+
+
+def test_batch_rule_follows_the_signal_and_state_rule_does_not():
+    """--weight-rule: a state whose M samples barely differ in Qbar (critic noise) gets near-uniform weights under
+    "batch" (one scale for all states) but weights as sharp as a state with real Q differences under "state"."""
+    signal = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (1, 8))
+    q = jnp.concatenate([signal, 1e-3 * signal + 5.0])  # the same pattern at 1/2000 of the size, offset
+    temp = {"log_eta": jnp.zeros(()), "q_scale": jnp.zeros(())}
+    ess = {rule: np.asarray(weight_ess(issm_temperature(temp, q, rule, 2.0, 0.0)[0])) for rule in ("state", "batch")}
+    np.testing.assert_allclose(ess["state"][0], ess["state"][1], rtol=1e-3)  # same sharpness: noise pushes as hard
+    assert ess["batch"][1] > 0.999 and ess["batch"][0] < 0.6, ess["batch"]  # noise: uniform; signal: sharp
+    # the scale is a running mean over updates: it starts at the batch's mean within-state std, then moves at `rate`
+    _, temp1, _, _ = issm_temperature(temp, q, "batch", 2.0, 0.0)
+    np.testing.assert_allclose(temp1["q_scale"], np.asarray(q).std(axis=-1).mean(), rtol=1e-5)
+    _, temp2, _, _ = issm_temperature(temp1, 10.0 * q, "batch", 2.0, 0.0, rate=0.1)
+    np.testing.assert_allclose(temp2["q_scale"], 1.9 * temp1["q_scale"], rtol=1e-5)  # 0.9 s + 0.1 (10 s)
+
+
+def test_adaptive_eta_holds_the_weights_ess_at_its_target():
+    """--target-ess: dual ascent on log eta (as SAC's alpha) drives the mean ESS fraction of the weights to the target
+    from either side, for raw Qbar of any scale; and the mask leaves dead rows out of the ESS."""
+    q = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
+
+    @jax.jit
+    def run(q, log_eta0):
+        def step(temp, _):
+            _, temp, ess, _ = issm_temperature(temp, q, "raw", 1.0, 0.5, rate=0.05)
+            return temp, ess
+
+        return jax.lax.scan(step, {"log_eta": log_eta0, "q_scale": jnp.zeros(())}, None, length=3000)[1]
+
+    for scale, log_eta0 in ((1.0, -3.0), (100.0, 0.0), (0.01, 3.0)):
+        ess = np.asarray(run(scale * q, jnp.float32(log_eta0)))
+        assert abs(ess[-200:].mean() - 0.5) < 0.02, (scale, ess[0], ess[-1])
+        assert abs(ess[0] - 0.5) > 0.1  # it had somewhere to go
+    mask = jnp.zeros(64).at[:32].set(1.0)
+    temp = {"log_eta": jnp.zeros(()), "q_scale": jnp.zeros(())}
+    w, _, ess, _ = issm_temperature(temp, q.at[32:].set(0.0), "raw", 1.0, 0.0, mask)
+    np.testing.assert_allclose(ess, np.asarray(weight_ess(w))[:32].mean(), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,7 +392,7 @@ def fit_issm_bimodal(seed=0, pretrain_steps=1000, rounds=6, updates=100, B=4, M=
 
             def update(carry, kk):
                 params, opt = carry
-                grads = jax.grad(issm_loss, argnums=1)(net.apply, params, obs, actions, q, kk, sched, 1.0, False)
+                grads = jax.grad(issm_loss, argnums=1)(net.apply, params, obs, actions, q, kk, sched, 1.0, 1.0)
                 upd, opt = tx.update(grads, opt)
                 return (optax.apply_updates(params, upd), opt), None
 

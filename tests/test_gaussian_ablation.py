@@ -119,7 +119,7 @@ def test_reverse_kl_gaussian_collapses_onto_one_mode_of_a_bimodal_target():
     pi^t exp(Q) with a fixed bimodal Q, from N(0.1, 0.5^2). The exact energy-based iterate pi^0 exp(t Q) keeps both
     modes (their mass ratio is fixed by pi^0); the Gaussian commits to one mode and loses the other."""
     steps = 400
-    args = replace(abl.Args(), projection="reverse", num_action_samples=64, eta=1.0, standardize_q=False)
+    args = replace(abl.Args(), projection="reverse", num_action_samples=64, eta=1.0, weight_rule="raw")
     init, _, actor_loss = abl.make_policy(args, "gaussian", 1)
     params = jax.tree.map(jnp.zeros_like, init(jax.random.PRNGKey(0), 1))  # the heads' biases alone set mu, sigma
     params["params"]["Dense_3"]["bias"] = jnp.array([0.1])
@@ -127,10 +127,12 @@ def test_reverse_kl_gaussian_collapses_onto_one_mode_of_a_bimodal_target():
     obs, alive = jnp.zeros((32, 1)), jnp.ones(32)
     tx = optax.adam(1e-2)
     opt = tx.init(params)
+    temp = {"log_eta": jnp.zeros(()), "q_scale": jnp.zeros(())}  # fixed eta (no --target-ess)
 
     @jax.jit
     def step(params, opt, key):  # pi^t = the parameters before this step
-        grads = jax.grad(lambda p: actor_loss(p, params, obs, alive, lambda a: bimodal_q(a[..., 0]), key)[0])(params)
+        q_fn = lambda a: bimodal_q(a[..., 0])  # noqa: E731
+        grads = jax.grad(lambda p: actor_loss(p, params, obs, alive, q_fn, temp, key)[0])(params)
         updates, opt = tx.update(grads, opt)
         return optax.apply_updates(params, updates), opt
 

@@ -250,10 +250,10 @@ def test_win_draw_loss_and_dead_allies(short):
 def test_issm_weights_leave_dead_rows_out():
     q = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
     alive = jnp.array([1.0, 0.0, 1.0, 0.0])
-    w = ddpl_smax.alive_issm_weights(q, alive, 1.0, True)
-    plain = ddpl_smax.issm_weights(q, 1.0, True)
+    plain = ddpl_smax.issm_weights(q, 1.0)
+    w = ddpl_smax.alive_issm_weights(plain, alive)
     np.testing.assert_allclose(w[1::2], 0.0)
     np.testing.assert_allclose(w[0::2], 2.0 * plain[0::2], rtol=1e-6)  # B / rows alive = 4 / 2
     # the weighted DSM loss is then the mean over the living rows only
     np.testing.assert_allclose(w.sum(), 4.0, rtol=1e-6)
-    np.testing.assert_allclose(ddpl_smax.alive_issm_weights(q, jnp.zeros(4), 1.0, True), 0.0)
+    np.testing.assert_allclose(ddpl_smax.alive_issm_weights(plain, jnp.zeros(4)), 0.0)
