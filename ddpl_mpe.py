@@ -31,7 +31,7 @@ from jaxmarl.registration import registered_envs
 NOISE_SCHEDULES = ("linear", "cosine", "vp")
 WEIGHT_RULES = ("state", "batch", "raw")  # --weight-rule: the scale of Qbar in the ISSM softmax
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
-METRICS = ("episodic_return", "train_return", *UPDATE_METRICS)
+METRICS = ("episodic_return", "train_return", "q_first", "disc_return", *UPDATE_METRICS)
 PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
 POLICY_FIELDS = ("env_id", "hidden_size", "num_diffusion_steps", "noise_schedule")  # what a checkpoint fixes
 
@@ -576,7 +576,9 @@ def make_train(args: Args, env: MPEArrays):
         return rs, metrics | {"train_return": jnp.where(ep_count > 0, ep_sum / ep_count, jnp.nan)}
 
     def evaluate(actor, seed, global_step):
-        """Mean return (averaged over agents) of --num-eval-episodes episodes with the stochastic policy (Sec. 5).
+        """Mean return (averaged over agents) of --num-eval-episodes episodes with the stochastic policy (Sec. 5),
+        and for the critic check the mean discounted return sum_t gamma^t reward_scale r_t (what Qbar(s_0, a_0)
+        estimates, less the bootstrapped tail after the time limit) with the first states and actions.
 
         The key depends only on (seed, global_step), so --eval-only on a saved model reproduces the numbers.
         """
@@ -584,15 +586,24 @@ def make_train(args: Args, env: MPEArrays):
         obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
 
         def step(carry, key):
-            obs, env_state, alive, ret = carry
+            obs, env_state, alive, ret, disc, discount = carry
             k_act, k_env = jax.random.split(key)
             keys = jax.random.split(k_env, args.num_eval_episodes)
-            _, obs, env_state, reward, done = jax.vmap(env.step)(keys, env_state, act(actor, obs, k_act))
-            return (obs, env_state, alive * (1.0 - done), ret + alive * reward.mean(axis=-1)), None
+            action = act(actor, obs, k_act)
+            _, obs, env_state, reward, done = jax.vmap(env.step)(keys, env_state, action)
+            r = alive * reward.mean(axis=-1)
+            disc += discount * args.reward_scale * r
+            return (obs, env_state, alive * (1.0 - done), ret + r, disc, discount * args.gamma), action
 
-        carry = (obs, env_state, jnp.ones(args.num_eval_episodes), jnp.zeros(args.num_eval_episodes))
-        (*_, ret), _ = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
-        return ret.mean()
+        zeros = jnp.zeros(args.num_eval_episodes)
+        carry = (obs, env_state, jnp.ones(args.num_eval_episodes), zeros, zeros, jnp.float32(1.0))
+        (*_, ret, disc, _), actions = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
+        return ret.mean(), disc.mean(), obs.reshape(-1, N * D), actions[0]
+
+    def critic_value(critic, state, action):
+        """The critic check: min(Q1, Q2)(s_0, a_i0) of the evaluation episodes' first step, mean over agents."""
+        q = jax.vmap(lambda c, a: jnp.minimum(*critic_net.apply(c, state, a)))(critic, jnp.swapaxes(action, 0, 1))
+        return q.mean()
 
     def probe(actor, seed):
         """--probe-every: PROBE_SAMPLES actions of every agent at the probe state, (N, PROBE_SAMPLES, A). The probe
@@ -601,7 +612,7 @@ def make_train(args: Args, env: MPEArrays):
         obs = jnp.broadcast_to(env.reset(k_reset)[0], (PROBE_SAMPLES, N, D))
         return jnp.swapaxes(act(actor, obs, k_act), 0, 1)
 
-    return init, train_chunk, evaluate, probe, iters_per_chunk * E, num_iterations // iters_per_chunk
+    return init, train_chunk, evaluate, critic_value, probe, iters_per_chunk * E, num_iterations // iters_per_chunk
 
 
 # TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
@@ -704,7 +715,7 @@ def main(args: Args) -> int:
     script_start = time.time()
 
     env = MPEArrays(args.env_id)
-    init, train_chunk, evaluate, probe, steps_per_chunk, num_chunks = make_train(args, env)
+    init, train_chunk, evaluate, critic_value, probe, steps_per_chunk, num_chunks = make_train(args, env)
     lanes, whole = seed_placement()
     seeds = jax.device_put(jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed, lanes)
     print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seeds.addressable_shards})
@@ -738,8 +749,10 @@ def main(args: Args) -> int:
 
     if args.eval_only:
         global_step = int(ckpt["global_step"])
-        returns = np.asarray(evaluate(jax.device_put(ckpt["actor"], lanes), seeds, jnp.int32(global_step)))
-        log(global_step, {"episodic_return": returns}, 0.0, time.time() - script_start)
+        returns, disc, *_ = map(
+            np.asarray, evaluate(jax.device_put(ckpt["actor"], lanes), seeds, jnp.int32(global_step))
+        )
+        log(global_step, {"episodic_return": returns, "disc_return": disc}, 0.0, time.time() - script_start)
         final = best = returns
         sps, total_timesteps = 0.0, global_step
         print(f"eval-only {args.checkpoint} at global_step {global_step}: episodic_return per seed {returns.tolist()}")
@@ -755,19 +768,23 @@ def main(args: Args) -> int:
               f"{num_chunks} chunks x {steps_per_chunk} steps/seed")  # fmt: skip
         start, final, best, best_mean = time.time(), None, None, -np.inf
         probe, probes, probe_steps = jax.jit(jax.vmap(probe)), [], []
+        critic_value = jax.jit(jax.vmap(critic_value))
         if args.probe_every:  # before the first update, then every --probe-every env steps
             probes, probe_steps = [np.asarray(probe(rs["learner"]["actor"], seeds))], [0]
         bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
         for chunk in range(num_chunks):
+            global_step = (chunk + 1) * steps_per_chunk
             try:
                 rs, metrics = train_chunk(rs, jnp.int32(chunk))
-                returns = evaluate(rs["learner"]["actor"], seeds, jnp.int32((chunk + 1) * steps_per_chunk))
-                metrics = jax.device_get({"episodic_return": returns, **metrics})
+                returns, disc, state, action = evaluate(rs["learner"]["actor"], seeds, jnp.int32(global_step))
+                q_first = critic_value(rs["learner"]["critic"], state, action)
+                metrics = jax.device_get(
+                    {"episodic_return": returns, "q_first": q_first, "disc_return": disc, **metrics}
+                )
             except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
                 bar.close()
                 print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
                 return 130
-            global_step = (chunk + 1) * steps_per_chunk
             elapsed = time.time() - start
             sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
             log(global_step, metrics, sps, elapsed)

@@ -30,7 +30,7 @@ GROUPS = [
 SUMMARY_KEYS = {"script", "env_id", "total_timesteps", "num_seeds", "final_eval_return", "best_eval_return"}
 SUMMARY_KEYS |= {"wall_time_s", "sps"}
 COLUMNS = ["global_step", "seed", "episodic_return", "episode_length", "train_return", "critic_loss", "actor_loss"]
-COLUMNS += ["q_mean", "max_weight", "env_share", "sps", "wall_time"]
+COLUMNS += ["q_mean", "max_weight", "weight_ess", "eta", "env_share", "sps", "wall_time"]
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,8 @@ TINY = [
 ]  # fmt: skip
 SUMMARY_KEYS = {"script", "env_id", "total_timesteps", "num_seeds", "final_eval_return", "best_eval_return"}
 SUMMARY_KEYS |= {"wall_time_s", "sps"}
-COLUMNS = ["global_step", "seed", "episodic_return", "train_return", "critic_loss", "actor_loss", "q_mean"]
-COLUMNS += ["max_weight", "sps", "wall_time"]
+COLUMNS = ["global_step", "seed", "episodic_return", "train_return", "q_first", "disc_return", "critic_loss"]
+COLUMNS += ["actor_loss", "q_mean", "max_weight", "weight_ess", "eta", "sps", "wall_time"]
 
 
 def run_cli(*flags, cwd):
@@ -83,8 +83,12 @@ def test_run_folder_is_complete(trained):
     # updates ran in both chunks (learning starts at 200) and the ISSM weights are normalised over M = 4
     for r in rows:
         assert np.isfinite(float(r["critic_loss"])) and np.isfinite(float(r["actor_loss"]))
-        assert 0.25 <= float(r["max_weight"]) <= 1.0
+        assert 0.25 <= float(r["max_weight"]) <= 1.0 and 0.25 <= float(r["weight_ess"]) <= 1.0
+        assert float(r["eta"]) == 1.0  # fixed eta without --target-ess
         assert -60.0 < float(r["episodic_return"]) < 0.0  # MPE rewards are negative distances
+        # the discounted return is a discounted sum of the same negative rewards: between return and gamma^25 return
+        assert float(r["episodic_return"]) < float(r["disc_return"]) < 0.99**25 * float(r["episodic_return"])
+        assert np.isfinite(float(r["q_first"]))
 
 
 def test_probe_records_the_action_distribution(trained):

@@ -23,8 +23,9 @@ TINY = [
 ]  # fmt: skip
 SUMMARY_KEYS = {"script", "env_id", "total_timesteps", "num_seeds", "final_eval_return", "best_eval_return"}
 SUMMARY_KEYS |= {"final_win_rate", "wall_time_s", "sps"}
-COLUMNS = ["global_step", "seed", "episodic_return", "win_rate", "train_return", "train_win_rate", "critic_loss"]
-COLUMNS += ["actor_loss", "q_mean", "max_weight", "alive_fraction", "sps", "wall_time"]
+COLUMNS = ["global_step", "seed", "episodic_return", "win_rate", "train_return", "train_win_rate", "q_first"]
+COLUMNS += ["disc_return", "critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta", "alive_fraction"]
+COLUMNS += ["sps", "wall_time"]
 
 
 def run_cli(*flags, cwd):
@@ -80,6 +81,7 @@ def test_run_folder_is_complete(runs, map_name, num_seeds):
         assert np.isfinite(float(r["critic_loss"])) and np.isfinite(float(r["actor_loss"]))
         assert 0.25 <= float(r["max_weight"]) <= 1.0  # normalised over M = 4
         assert 0.0 < float(r["alive_fraction"]) <= 1.0
+        assert 0.0 <= float(r["disc_return"]) <= float(r["episodic_return"]) + 1e-6  # rewards are never negative
     # 200 steps of 4 envs contain finished episodes (random play lasts 23-101 steps)
     assert any(r["train_return"] != "" and 0.0 <= float(r["train_return"]) <= 2.0 for r in rows)
 
