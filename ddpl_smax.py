@@ -805,7 +805,7 @@ def main(args: Args) -> int:
         from tqdm import tqdm
 
         buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rs_shape["buffer"])) / 1e9
-        print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim}, world state {env.state_dim}; "
+        print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim}, critic state {env.state_dim}; "
               f"replay buffer {buffer_gb:.2f} GB for {args.num_seeds} seed(s); compiling...", flush=True)  # fmt: skip
         rs = jax.jit(jax.vmap(init), out_shardings=lanes)(seeds)
         train_chunk = jax.vmap(train_chunk, in_axes=(0, None))
