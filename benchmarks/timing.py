@@ -1,8 +1,8 @@
 """Time one training update and one action selection (paper Table 2): DDPL vs DACER-, QVPO-style and Gaussian updates.
 
 Every method gets the same networks (Table 3: 3x256 mish), batch (256), K (20), agents and critic step (twin
-averaged-Q critics on the SMAX world state, one Adam step, Polyak target), taken from the scripts themselves; only the
-policy update and the TD target's next action differ:
+averaged-Q critics on the scaled SMAX critic state, one Adam step, Polyak target), taken from the scripts themselves;
+only the policy update and the TD target's next action differ:
 
 - ddpl:      ISSM (eq. 2) on B_p of the B states (--issm-batch-size, default B / M as in the scripts), M proposals
              per state from pi^t, weighted DSM; TD next action from the sampler

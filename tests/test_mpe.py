@@ -273,3 +273,22 @@ def test_buffer_add_is_circular():
         buffer = ddpl_mpe.buffer_add(buffer, tr, it)
     np.testing.assert_array_equal(np.asarray(buffer["done"]), [21.0, 1.0, 10.0, 11.0, 20.0])
     np.testing.assert_array_equal(np.asarray(buffer["obs"][:, 1, 2]), [21.0, 1.0, 10.0, 11.0, 20.0])
+
+
+def test_critic_inputs_stay_bounded_over_random_episodes():
+    """The critics' input on MPE, all agents' observations concatenated, needs no scaling: over 4 whole random
+    episodes in 16 envs every entry stays within 5 in absolute value (2.7 measured), and it is not all small."""
+    env = ddpl_mpe.MPEArrays("MPE_simple_reference_v3")
+    obs, state = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), 16))
+
+    def step(carry, key):
+        obs, state = carry
+        k_act, k_env = jax.random.split(key)
+        action = jax.random.uniform(k_act, (16, env.num_agents, env.act_dim), minval=-1.0, maxval=1.0)
+        next_obs, obs, state, _, _ = jax.vmap(env.step)(jax.random.split(k_env, 16), state, action)
+        return (obs, state), next_obs
+
+    keys = jax.random.split(jax.random.PRNGKey(1), 4 * env.episode_length)
+    _, next_obs = jax.jit(lambda c: jax.lax.scan(step, c, keys))((obs, state))
+    critic_input = np.asarray(next_obs).reshape(-1, env.num_agents * env.obs_dim)
+    assert np.abs(critic_input).max() < 5.0 and np.abs(critic_input).max() > 1.0
