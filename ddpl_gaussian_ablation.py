@@ -349,6 +349,7 @@ def alive_issm_weights(weights, alive):
 
 
 def living_mean(x, alive):
+    """Mean of x (B,) over the rows where the agent is alive."""
     return (x * alive).sum() / jnp.maximum(alive.sum(), 1.0)
 
 
