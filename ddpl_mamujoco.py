@@ -37,7 +37,7 @@ except Exception as e:  # without mujoco, gymnasium raises DependencyNotInstalle
 NOISE_SCHEDULES = ("linear", "cosine", "vp")
 WEIGHT_RULES = ("state", "batch", "raw")  # --weight-rule: the scale of Qbar in the ISSM softmax
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
-METRICS = ("episodic_return", "episode_length", "train_return", *UPDATE_METRICS, "env_share")
+METRICS = ("episodic_return", "episode_length", "train_return", "q_first", "disc_return", *UPDATE_METRICS, "env_share")
 PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
 # what a checkpoint fixes: the policy's inputs and architecture, and the episode that --eval-only plays
 POLICY_FIELDS = (
@@ -557,8 +557,9 @@ def symlog(x):
 
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once (Python), then U updates of every agent (jitted).
 def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
-    """Returns init(seed), act(actor, key, state, iteration), learn(runner state, transitions, iteration) and
-    policy(actor, state, key). All are per seed; main() jits and vmaps them over seeds and runs the env loop."""
+    """Returns init(seed), act(actor, key, state, iteration), learn(runner state, transitions, iteration),
+    policy(actor, state, key) and critic_value(critic, state, action). All are per seed; main() jits and vmaps them
+    over seeds and runs the env loop."""
     N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
     E, B, M = args.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
@@ -671,11 +672,20 @@ def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
         do_learn = ((iteration + 1) * E >= args.learning_starts) & (args.updates_per_iteration > 0)
         return jax.lax.cond(do_learn, updates, no_updates, rs)
 
-    return init, act, learn, policy
+    def critic_value(critic, state, action):
+        """The critic check: min(Q1, Q2)(s_0, a_i0) of the evaluation episodes' first step, mean over agents."""
+        q = jax.vmap(lambda c, a: jnp.minimum(*critic_net.apply(c, squash(state), a)))(
+            critic, jnp.swapaxes(action, 0, 1)
+        )
+        return q.mean()
+
+    return init, act, learn, policy, critic_value
 
 
-def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_step: int, episode_length: int):
-    """Mean return and length of one episode per eval env (--num-eval-episodes per seed), stochastic policy (Sec. 5).
+def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_step: int, args: Args):
+    """Mean return and length of one episode per eval env (--num-eval-episodes per seed), stochastic policy (Sec. 5);
+    for the critic check, the mean discounted return sum_t gamma^t reward_scale r_t (what Qbar(s_0, a_0) estimates,
+    less the negligible tail after the time limit) and the first states and actions.
 
     Env seeds and action keys depend only on (seed, global_step), so --eval-only on a saved model reproduces the
     numbers. A finished env is no longer stepped; the policy still acts on its last state (ignored).
@@ -685,15 +695,19 @@ def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_ste
     state = np.stack(state).astype(np.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), global_step) for s in seeds])
     running, ret, length = np.ones((len(seeds), n), bool), np.zeros((len(seeds), n)), np.zeros((len(seeds), n))
-    for t in range(episode_length):
-        env_action = envs[0].to_env_action(np.asarray(eval_act(actor, state, keys, np.int32(t))))
+    disc, first_state, first_action = np.zeros((len(seeds), n)), state.copy(), None
+    for t in range(args.max_episode_steps):
+        action = np.asarray(eval_act(actor, state, keys, np.int32(t)))
+        first_action = action if first_action is None else first_action
+        env_action = envs[0].to_env_action(action)
         for s, i in zip(*np.nonzero(running), strict=True):
             next_state, reward, terminated, truncated = envs[s].step_env(i, env_action[s, i])
             state[s, i], ret[s, i], length[s, i] = next_state, ret[s, i] + reward, t + 1
+            disc[s, i] += args.gamma**t * args.reward_scale * reward
             running[s, i] = not (terminated or truncated)
         if not running.any():
             break
-    return ret.mean(axis=1), length.mean(axis=1)
+    return ret.mean(axis=1), length.mean(axis=1), disc.mean(axis=1), first_state, first_action
 
 
 # TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
@@ -794,7 +808,7 @@ def main(args: Args) -> int:
     iters_per_chunk = args.eval_every // E
     num_chunks = args.total_timesteps // (iters_per_chunk * E)
     steps_per_chunk = iters_per_chunk * E
-    init, act, learn, policy = make_train(args, env, num_chunks * iters_per_chunk)
+    init, act, learn, policy, critic_value = make_train(args, env, num_chunks * iters_per_chunk)
     seeds_arr = jnp.asarray(seeds, jnp.int32)
     rs_shape = jax.eval_shape(jax.vmap(init), seeds_arr)
     # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
@@ -829,8 +843,9 @@ def main(args: Args) -> int:
 
     if args.eval_only:
         global_step = int(ckpt["global_step"])
-        returns, lengths = evaluate(eval_envs, eval_act, ckpt["actor"], seeds, global_step, K)
-        log(global_step, {"episodic_return": returns, "episode_length": lengths}, 0.0, time.time() - script_start)
+        returns, lengths, disc, *_ = evaluate(eval_envs, eval_act, ckpt["actor"], seeds, global_step, args)
+        metrics = {"episodic_return": returns, "episode_length": lengths, "disc_return": disc}
+        log(global_step, metrics, 0.0, time.time() - script_start)
         final = best = returns
         sps, total_timesteps = 0.0, global_step
         print(f"eval-only {args.checkpoint} at global_step {global_step}: episodic_return per seed {returns.tolist()}")
@@ -858,6 +873,7 @@ def main(args: Args) -> int:
             probe_state[i] = eval_envs[i].envs[0].single_agent_env.reset(seed=env_seed(s, 2))[0]
         probe_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
         probe = jax.jit(jax.vmap(lambda actor, state, key: jnp.swapaxes(policy(actor, state, key), 0, 1)))
+        critic_value = jax.jit(jax.vmap(critic_value))
         probes, probe_steps = [], []
         if args.probe_every:  # before the first update, then every --probe-every env steps
             probes, probe_steps = [np.asarray(probe(rs["learner"]["actor"], probe_state, probe_keys))], [0]
@@ -887,7 +903,10 @@ def main(args: Args) -> int:
                 jax.block_until_ready(rs["learner"])  # the last update, dispatched asynchronously, counts as training
                 train_time = time.time() - chunk_start
                 global_step = (chunk + 1) * steps_per_chunk
-                returns, lengths = evaluate(eval_envs, eval_act, rs["learner"]["actor"], seeds, global_step, K)
+                returns, lengths, disc, first_state, first_action = evaluate(
+                    eval_envs, eval_act, rs["learner"]["actor"], seeds, global_step, args
+                )
+                q_first = np.asarray(critic_value(rs["learner"]["critic"], first_state, first_action))
             except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
                 bar.close()
                 print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
@@ -900,6 +919,7 @@ def main(args: Args) -> int:
             metrics = dict(zip(UPDATE_METRICS, mean.T, strict=True))
             train_return = np.where(ep_stats[1] > 0, ep_stats[0] / np.maximum(ep_stats[1], 1), np.nan)
             metrics |= {"episodic_return": returns, "episode_length": lengths, "train_return": train_return}
+            metrics |= {"q_first": q_first, "disc_return": disc}
             metrics["env_share"] = np.full(args.num_seeds, env_time / train_time)
             elapsed = time.time() - start
             sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
