@@ -9,6 +9,7 @@ the action distribution at a fixed state during training (the Fig. 4 right analo
 Flags, metrics, choices and measured numbers: docs/ddpl_gaussian_ablation.md.
 """
 
+import argparse
 import contextlib
 import csv
 import importlib.util
@@ -33,7 +34,7 @@ from jaxmarl.registration import registered_envs
 
 NOISE_SCHEDULES = ("linear", "cosine", "vp")
 WEIGHT_RULES = ("state", "batch", "raw")  # --weight-rule: the scale of Qbar in the ISSM softmax
-ENVS, POLICIES, PROJECTIONS = ("mpe", "smax"), ("gaussian", "diffusion"), ("reverse", "forward")
+ENVS, POLICIES, PROJECTIONS = ("mpe", "smax", "toy"), ("gaussian", "diffusion"), ("reverse", "forward")
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta", "action_std")
 PROBE_SAMPLES = 512  # actions drawn per agent and probe
 
@@ -57,11 +58,14 @@ class Args:
 
     # What is compared
     env: str = "mpe"
-    """mpe (JaxMARL MPE, --env-id) or smax (HeuristicEnemySMAX, --map)"""
+    """mpe (JaxMARL MPE, --env-id), smax (HeuristicEnemySMAX, --map) or toy (the paper's N-agent toy game,
+    --toy-agents; with --env toy the other flags default to TOY_DEFAULTS, shown by --env toy --help)"""
     env_id: str = "MPE_simple_reference_v3"
     """with --env mpe: a JaxMARL MPE scenario that accepts action_type="Continuous" (as ddpl_mpe.py)"""
     map: str = "3s_vs_5z"
     """with --env smax: an SMAX map (as ddpl_smax.py)"""
+    toy_agents: tuple[int, ...] = (1, 2, 3, 4)
+    """with --env toy: the numbers of agents N, each trained (both classes with --compare) and evaluated in turn"""
     policy: str = "gaussian"
     """gaussian (the ablation) or diffusion (DDPL); ignored with --compare, which trains both"""
     projection: str = "reverse"
@@ -120,12 +124,27 @@ class Args:
     """episodes per seed and evaluation, stochastic policy (paper Sec. 5)"""
 
 
+# the toy game's parameters: toy_failure_mode.py's defaults (tests/test_gaussian_ablation.py checks they agree)
+TOY = {"bump_reward": 1.0, "bump_width": 0.1, "a_star": 0.8, "delta": 0.1, "p_goal": 0.5}
+TOY |= {"goal_reward": 1.0, "goal_action": -0.5, "goal_width": 0.1}
+TOY_HORIZON = 10  # steps per toy episode (ours): s0 is left at the first step; gamma^10 = 0.35 of the rest bootstraps
+# --env toy's defaults (ours): toy_failure_mode.py's discount and 5 seeds, networks and a budget that train N = 1..4
+# for both classes in about 10 minutes of a 2-core CPU (docs/ddpl_gaussian_ablation.md, "The toy game")
+TOY_DEFAULTS = Args(
+    env="toy", num_seeds=5, total_timesteps=20_000, num_envs=8, buffer_size=20_000, learning_starts=2_000,
+    batch_size=128, gamma=0.9, tau=0.02, learning_rate=1e-3, learning_rate_end=1e-4, hidden_size=64,
+    num_diffusion_steps=10, eval_every=5_000, num_eval_episodes=100,
+)  # fmt: skip
+
+
 def parse_args() -> Args:
     """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return tyro.cli(Args)
+            pre = argparse.ArgumentParser(add_help=False)  # --env first: it picks the defaults
+            pre.add_argument("--env")
+            return tyro.cli(Args, default=TOY_DEFAULTS if pre.parse_known_args()[0].env == "toy" else Args())
     except SystemExit as e:
         if e.code:
             lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
@@ -155,6 +174,8 @@ def validate(args: Args) -> str | None:
         return f"--env-id: unknown {args.env_id!r}; valid ids: {', '.join(valid)}"
     if args.env == "smax" and args.map not in MAP_NAME_TO_SCENARIO:
         return f"--map: unknown SMAX map {args.map!r}; valid maps: {', '.join(sorted(MAP_NAME_TO_SCENARIO))}"
+    if args.env == "toy" and (not args.toy_agents or min(args.toy_agents) < 1):
+        return f"--toy-agents must be numbers of agents >= 1, got {args.toy_agents}"
     if not 0 <= args.issm_batch_size <= args.batch_size:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if args.weight_rule not in WEIGHT_RULES:
@@ -300,7 +321,55 @@ class SMAXArrays:
         }
 
 
-def make_env(args: Args):
+class ToyArrays:
+    """The paper's N-agent toy game (Sec. 3.2.2, toy_failure_mode.py's parameters) as a JAX env for Algorithm 2.
+
+    Each agent has its own copy of the MDP of Sec. 3.2.1: in s0 the reward is c0 exp(-a^2 / 2 w0^2) (the easy bump)
+    and the copy moves to goal with probability p 1{|a - a*| <= delta}, else to sink; goal is absorbing with reward
+    R_g exp(-(a - a_g)^2 / 2 w_g^2), sink absorbing with 0. The team reward is the sum over the copies. An agent
+    observes its own copy's state (one-hot s0 / goal / sink); the critics see all of them. Episodes end by the time
+    limit (truncation); "won": every copy is at goal when the episode ends (the success of issue 18).
+    """
+
+    def __init__(self, num_agents: int):
+        self.num_agents, self.obs_dim, self.act_dim = num_agents, 3, 1
+        self.state_dim, self.episode_length = 3 * num_agents, TOY_HORIZON
+        self.agents = [f"agent_{i}" for i in range(num_agents)]
+
+    def reset(self, key):
+        state = {"pos": jnp.zeros(self.num_agents, jnp.int32), "t": jnp.int32(0)}  # 0: s0, 1: goal, 2: sink
+        obs = jax.nn.one_hot(state["pos"], 3)
+        return obs, obs.reshape(-1), state
+
+    def step(self, key, state, action) -> dict:
+        p, a, pos = TOY, action[:, 0], state["pos"]
+        bump = p["bump_reward"] * jnp.exp(-(a**2) / (2 * p["bump_width"] ** 2))
+        goal = p["goal_reward"] * jnp.exp(-((a - p["goal_action"]) ** 2) / (2 * p["goal_width"] ** 2))
+        hit = jax.random.uniform(key, a.shape) < p["p_goal"] * (jnp.abs(a - p["a_star"]) <= p["delta"])
+        reward = jnp.where(pos == 0, bump, jnp.where(pos == 1, goal, 0.0)).sum()  # one team reward: the sum
+        next_pos = jnp.where(pos == 0, jnp.where(hit, 1, 2), pos)
+        done = state["t"] + 1 >= self.episode_length
+        next_obs = jax.nn.one_hot(next_pos, 3)
+        obs_re, _, state_re = self.reset(key)
+        obs = jnp.where(done, obs_re, next_obs)
+        return {
+            "next_obs": next_obs,
+            "next_world_state": next_obs.reshape(-1),
+            "reward": jnp.full(self.num_agents, reward),
+            "terminal": jnp.float32(0.0),  # time-limit ends only: truncation
+            "done": done,
+            "won": done & (next_pos == 1).all(),
+            "alive": jnp.ones(self.num_agents, bool),
+            "next_alive": jnp.ones(self.num_agents, bool),
+            "obs": obs,
+            "world_state": obs.reshape(-1),
+            "state": jax.tree.map(lambda r, s: jnp.where(done, r, s), state_re, {"pos": next_pos, "t": state["t"] + 1}),
+        }
+
+
+def make_env(args: Args, num_agents: int = 1):
+    if args.env == "toy":
+        return ToyArrays(num_agents)
     return SMAXArrays(args.map) if args.env == "smax" else MPEArrays(args.env_id, args.team_reward)
 
 
@@ -318,7 +387,8 @@ def buffer_add(buffer: dict, transitions: dict, iteration) -> dict:
     return jax.tree.map(lambda b, x: b.at[rows].set(x.astype(b.dtype)), buffer, transitions)
 
 
-# ALGO LOGIC: the Gaussian policy class (ALGORITHM.md sec. 7): N(mu(o), diag sigma(o)^2), actions clipped to the box
+# ALGO LOGIC: the Gaussian policy class (ALGORITHM.md sec. 7): a = tanh(u), u ~ N(mu(o), diag sigma(o)^2), as SAC
+# and HASAC squash (a clipped Gaussian's samples past the box carry no Q gradient and freeze the mean there)
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 
 
@@ -341,6 +411,12 @@ def gaussian_log_prob(x, mean, log_std):
     """log N(x; mean, diag exp(log_std)^2), summed over the last axis."""
     z = (x - mean) * jnp.exp(-log_std)
     return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def squashed_log_prob(u, mean, log_std):
+    """log density of a = tanh(u) under the squashed Gaussian: log N(u) - sum log(1 - tanh(u)^2), stably."""
+    log_det = 2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u))  # log(1 - tanh(u)^2)
+    return gaussian_log_prob(u, mean, log_std) - jnp.sum(log_det, axis=-1)
 
 
 def alive_issm_weights(weights, alive):
@@ -390,7 +466,7 @@ def make_policy(args: Args, policy: str, A: int):
 
     def sample(params, obs, key):
         mean, log_std = net.apply(params, obs)
-        return jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape), -1.0, 1.0)
+        return jnp.tanh(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape))
 
     def scaled(q, temp):  # Qbar as the ISSM softmax sees it under --weight-rule; the scale carries no gradient
         if args.weight_rule == "state":
@@ -404,19 +480,22 @@ def make_policy(args: Args, policy: str, A: int):
         mask = alive[:, None] / jnp.maximum(alive.mean(), 1e-6)  # mean over the rows where the agent is alive
         eps = jax.random.normal(key, (obs.shape[0], M, A))
         if args.projection == "reverse":
-            # min_theta E_{a ~ pi_theta}[log pi_theta(a|o) - log pi^t(a|o) - eta Qbar(s, a)], reparameterised (Thm 3.1)
-            x = mean[:, None] + jnp.exp(log_std)[:, None] * eps
-            q = q_fn(jnp.clip(x, -1.0, 1.0))
+            # min_theta E_{a ~ pi_theta}[log pi_theta(a|o) - log pi^t(a|o) - eta Qbar(s, a)], reparameterised (Thm 3.1).
+            # The same u gives a under both policies, so tanh's log-det cancels in the ratio; at theta = theta^t the
+            # ratio's expected gradient is zero and one step is Q ascent (docs/ddpl_gaussian_ablation.md)
+            u = mean[:, None] + jnp.exp(log_std)[:, None] * eps
+            x = jnp.tanh(u)
+            q = q_fn(x)
             weights, temp, ess, eta = issm_temperature(temp, jax.lax.stop_gradient(q), *temperature, alive)
-            log_ratio = gaussian_log_prob(x, mean[:, None], log_std[:, None])
-            log_ratio -= gaussian_log_prob(x, old_mean[:, None], old_log_std[:, None])
+            log_ratio = squashed_log_prob(u, mean[:, None], log_std[:, None])
+            log_ratio -= squashed_log_prob(u, old_mean[:, None], old_log_std[:, None])
             loss = jnp.mean(mask * (log_ratio - eta * scaled(q, temp)))
-            x = jnp.clip(x, -1.0, 1.0)
         else:
             # forward KL (ours): weighted maximum likelihood of M actions from pi^t with the self-normalised weights
-            x = jnp.clip(old_mean[:, None] + jnp.exp(old_log_std)[:, None] * eps, -1.0, 1.0)
+            u = jax.lax.stop_gradient(old_mean[:, None] + jnp.exp(old_log_std)[:, None] * eps)  # a = tanh(u)
+            x = jnp.tanh(u)
             weights, temp, ess, eta = issm_temperature(temp, q_fn(x), *temperature, alive)
-            log_lik = gaussian_log_prob(x, mean[:, None], log_std[:, None])
+            log_lik = squashed_log_prob(u, mean[:, None], log_std[:, None])
             loss = -jnp.mean(jnp.sum(alive_issm_weights(weights, alive) * log_lik, axis=-1))
         stats = [living_mean(weights.max(-1), alive), ess, eta, x.std(axis=1).mean()]  # x's spread: as for diffusion
         return loss, (temp, jnp.stack(stats))
@@ -781,13 +860,13 @@ def stats(values) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
 
 
-def plot_curves(rows: list[dict], labels: list[str], path: str, title: str, with_wins: bool):
+def plot_curves(rows: list[dict], labels: list[str], path: str, title: str, wins: str | None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("episodic_return", "eval return per agent")] + ([("win_rate", "eval win rate")] if with_wins else [])
+    panels = [("episodic_return", "eval return per agent")] + ([("win_rate", wins)] if wins else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (name, ylabel) in zip(axes[0], panels, strict=True):
         for label, color in zip(labels, ("tab:blue", "tab:orange", "tab:green"), strict=False):
@@ -800,6 +879,31 @@ def plot_curves(rows: list[dict], labels: list[str], path: str, title: str, with
         ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
         ax.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_success(success: dict, path: str, args: Args):
+    """--env toy: success rate (every agent at goal at the end of an evaluation episode) against N, per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ns = sorted(int(n) for n in next(iter(success.values())))
+    ax.plot(ns, [TOY["p_goal"] ** n for n in ns], "k--", lw=1, label="optimal policy (p^N)")
+    for label, color in zip(success, ("tab:blue", "tab:orange"), strict=False):
+        mean = [success[label][str(n)]["mean"] for n in ns]
+        std = [success[label][str(n)]["std"] for n in ns]
+        ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, color=color, label=label)
+    ax.set(
+        xlabel="number of agents N", ylabel=f"success rate (mean, std of {args.num_seeds} seeds)", ylim=(-0.05, 1.05)
+    )
+    ax.set_xticks(ns)
+    ax.set_title(f"Toy game, Algorithm 2, {args.total_timesteps:,} env steps per seed", fontsize=9)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -881,7 +985,7 @@ def train_one(args: Args, env, policy: str, label: str, seeds, log, bar_desc: st
         bar.set_postfix(eval=f"{final.mean():.2f}")
     bar.close()
     result = {"final_eval_return": stats(final), "best_eval_return": stats(best), "sps": round(sps, 1)}
-    if args.env == "smax":
+    if args.env in ("smax", "toy"):  # the toy's "win": every agent at goal at the episode's end
         result["final_win_rate"] = stats(final_win)
     probes = {"steps": probe_steps, "actions": np.stack(probes)} if probes else None
     return result, global_step, probes
@@ -896,7 +1000,7 @@ def main(args: Args) -> int:
         print(f"error: --num-seeds {args.num_seeds} is not a multiple of the {n} local {backend} devices the seeds are "
               f"split over; use a multiple of {n}", file=sys.stderr)  # fmt: skip
         return 2
-    env_id = f"SMAX_{args.map}" if args.env == "smax" else args.env_id
+    env_id = {"smax": f"SMAX_{args.map}", "toy": "toy"}.get(args.env, args.env_id)
     gaussian = f"gaussian-{args.projection}"
     labels = ["diffusion", gaussian] if args.compare else ["diffusion" if args.policy == "diffusion" else gaussian]
     run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -906,12 +1010,12 @@ def main(args: Args) -> int:
         json.dump(asdict(args), f, indent=2)
     script_start = time.time()
 
-    env = make_env(args)
     seeds = jax.device_put(jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed, seed_placement()[0])
     print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seeds.addressable_shards})
     metric_names = ("episodic_return", "win_rate", "train_return", "train_win_rate", *UPDATE_METRICS)
     if args.env == "mpe":  # MPE has no wins
         metric_names = tuple(m for m in metric_names if "win" not in m)
+    agent_counts = args.toy_agents if args.env == "toy" else (None,)  # the toy trains every N in turn
     wandb_runs = {}
     if args.track:  # one W&B run per seed and class, grouped by run name: seeds are never averaged silently
         import wandb
@@ -925,13 +1029,15 @@ def main(args: Args) -> int:
                 )  # fmt: skip
     rows = []
     metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    fields = ("global_step", "seed", "policy", *metric_names, "sps", "wall_time")
+    fields = ("global_step", "seed", "policy", *(("num_agents",) if args.env == "toy" else ()), *metric_names)
+    fields += ("sps", "wall_time")
+    current = {"num_agents": None}  # the toy's N being trained, for the num_agents column
     writer = csv.DictWriter(metrics_file, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
 
     def log(label: str, global_step: int, metrics: dict, sps: float, wall_time: float):
         for i, s in enumerate(seeds.tolist()):
-            row = {"global_step": global_step, "seed": s, "policy": label}
+            row = {"global_step": global_step, "seed": s, "policy": label, **current}
             row |= {k: float(metrics[k][i]) for k in metric_names} | {
                 "sps": round(sps, 1),
                 "wall_time": round(wall_time, 2),
@@ -942,14 +1048,16 @@ def main(args: Args) -> int:
                 wandb_runs[label, s].log({k: v for k, v in row.items() if k in metric_names}, step=global_step)
         metrics_file.flush()
 
-    results, probes = {}, {}
+    results, probes = {}, {}  # results[(label, N)]; N is None except on the toy
     try:
-        for i, label in enumerate(labels):
-            policy = "diffusion" if label == "diffusion" else "gaussian"
-            desc = f"{label} ({i + 1}/{len(labels)}), {args.num_seeds} seed(s)"
-            results[label], total_timesteps, probe = train_one(args, env, policy, label, seeds, log, desc)
-            if probe is not None:
-                probes[label] = probe
+        for n in agent_counts:
+            env, current["num_agents"] = make_env(args, n), n
+            for i, label in enumerate(labels):
+                policy = "diffusion" if label == "diffusion" else "gaussian"
+                desc = f"{label} ({i + 1}/{len(labels)}){f', N = {n}' if n else ''}, {args.num_seeds} seed(s)"
+                results[label, n], total_timesteps, probe = train_one(args, env, policy, label, seeds, log, desc)
+                if probe is not None:
+                    probes[label if n is None else f"{label}, N = {n}"] = probe
     except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
         print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
         return 130
@@ -957,16 +1065,21 @@ def main(args: Args) -> int:
         print(f"error: {e}; {run_dir} is incomplete", file=sys.stderr)
         return 1
     metrics_file.close()
-    title = f"DDPL policy classes on {env_id}"
-    plot_curves(rows, labels, os.path.join(run_dir, "learning_curve.png"), title, args.env == "smax")
-    if probes:
-        dims = (1, 3) if args.env == "smax" else (1, 2)  # SMAX: P(move), angle; MPE: left and right force
+    title = f"DDPL policy classes on {env_id}" + (f", N = {agent_counts[-1]}" if args.env == "toy" else "")
+    curve_rows = [r for r in rows if r.get("num_agents") == agent_counts[-1]] if args.env == "toy" else rows
+    wins = {"smax": "eval win rate", "toy": "eval success rate"}.get(args.env)
+    plot_curves(curve_rows, labels, os.path.join(run_dir, "learning_curve.png"), title, wins)
+    if probes:  # SMAX: P(move), angle; MPE: left and right force; toy: the one action dim
+        dims = {"smax": (1, 3), "mpe": (1, 2), "toy": (0, 0)}[args.env]
         plot_probes(probes, dims, os.path.join(run_dir, "probe.png"), env_id)
         arrays = {
             f"{label}__{name}": np.asarray(p[name]) for label, p in probes.items() for name in ("steps", "actions")
         }
         np.savez(os.path.join(run_dir, "probes.npz"), **arrays)
-    subject = results[labels[-1]]  # the Gaussian variant with --compare, else the one class trained
+    if args.env == "toy":
+        success = {label: {str(n): results[label, n]["final_win_rate"] for n in agent_counts} for label in labels}
+        plot_success(success, os.path.join(run_dir, "success_vs_agents.png"), args)
+    subject = results[labels[-1], agent_counts[-1]]  # the Gaussian with --compare, else the one class trained
     summary = {
         "script": os.path.basename(__file__),
         "env_id": env_id,
@@ -978,17 +1091,23 @@ def main(args: Args) -> int:
         "wall_time_s": round(time.time() - script_start, 2),
         "sps": subject["sps"],
     }
-    if args.compare:  # one row per class, the same seeds and budget
-        summary["comparison"] = results
+    if args.env == "toy":  # per class and N: success rate and return at the last evaluation, per seed
+        summary |= {"toy_agents": list(agent_counts), "success_rate": success}
+        summary["final_eval_return"] = {
+            label: {str(n): results[label, n]["final_eval_return"] for n in agent_counts} for label in labels
+        }
+        summary.pop("final_win_rate"), summary.pop("best_eval_return")
+    elif args.compare:  # one row per class, the same seeds and budget
+        summary["comparison"] = {label: results[label, None] for label in labels}
     # summary.json last: its presence marks a complete run folder
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     for run in wandb_runs.values():
         run.finish()
-    for label, result in results.items():
-        final = result["final_eval_return"]
-        wins = f", win rate {result['final_win_rate']['mean']:.2f}" if "final_win_rate" in result else ""
-        print(f"{label:>18}: final eval return {final['mean']:.3f} +- {final['std']:.3f}{wins}")
+    for (label, n), result in results.items():
+        final, name = result["final_eval_return"], label if n is None else f"{label}, N = {n}"
+        wins = f", {'success' if n else 'win'} rate {result['final_win_rate']['mean']:.2f}" if n or wins else ""
+        print(f"{name:>24}: final eval return {final['mean']:.3f} +- {final['std']:.3f}{wins}")
     print(f"wrote {run_dir}")
     return 0
 

@@ -1,13 +1,15 @@
 """Policy-class ablation benchmark (paper Fig. 4): DDPL vs the reverse-KL Gaussian, same seeds and budget.
 
-Runs `ddpl_gaussian_ablation.py --compare` (3 seeds, vmapped; the DDPL scripts' default hyperparameters) on one
-environment, then prints per class the evaluation return (and win rate on SMAX) during training, the final and best
+Runs `ddpl_gaussian_ablation.py --compare` (3 seeds, vmapped) on one environment with the CPU configuration of
+benchmarks/mpe_learning.py or smax_learning.py (issue 17; --table3: the DDPL scripts' defaults instead), then prints
+per class the evaluation return (and win rate on SMAX) and the action spread during training, the final and best
 values, and the difference between the classes. The default budgets are what a 2-core CPU finishes in about an hour
-per environment, both classes together (docs/ddpl_gaussian_ablation.md).
+per environment, both classes together (docs/ddpl_gaussian_ablation.md). Flags it does not know go to the script.
 
-    python benchmarks/gaussian_ablation.py --env mpe             # MPE Simple-Reference, 80k env steps per seed
-    python benchmarks/gaussian_ablation.py --env smax            # SMAX 3s_vs_5z, 50k env steps per seed
-    python benchmarks/gaussian_ablation.py --env smax --total-timesteps 2000000   # the GPU budget
+    python benchmarks/gaussian_ablation.py --env mpe             # MPE Simple-Reference, 60k env steps per seed
+    python benchmarks/gaussian_ablation.py --env smax            # SMAX 3s_vs_5z, 60k env steps per seed
+    python benchmarks/gaussian_ablation.py --env smax --table3 --total-timesteps 2000000   # the GPU budget
+    python ddpl_gaussian_ablation.py --env toy --compare         # the toy game, N = 1..4 (no benchmark needed)
 """
 
 import argparse
@@ -19,7 +21,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_BUDGET = {"mpe": 80_000, "smax": 50_000}  # env steps per seed: about an hour on 2 cores, both classes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mpe_learning import CPU_CONFIG as MPE_CPU_CONFIG  # noqa: E402  (one CPU configuration per env, issue 17)
+from smax_learning import CPU_CONFIG as SMAX_CPU_CONFIG  # noqa: E402
+
+CPU_BUDGET = {"mpe": 60_000, "smax": 60_000}  # env steps per seed: about an hour on 2 cores, both classes
+CPU_CONFIG = {"mpe": MPE_CPU_CONFIG, "smax": SMAX_CPU_CONFIG}
 
 
 def main() -> int:
@@ -27,10 +34,11 @@ def main() -> int:
     parser.add_argument("--env", choices=("mpe", "smax"), default="mpe", help="which environment (default: mpe)")
     parser.add_argument("--projection", choices=("reverse", "forward"), default="reverse", help="Gaussian projection")
     parser.add_argument("--total-timesteps", type=int, default=None, help="env steps per seed (default: CPU budget)")
+    parser.add_argument("--table3", action="store_true", help="the script's defaults instead of the CPU configuration")
     parser.add_argument("--num-seeds", type=int, default=3, help="seeds, vmapped in one process")
     parser.add_argument("--eval-every", type=int, default=10_000, help="env steps between evaluations")
     parser.add_argument("--runs-dir", default=os.path.join(ROOT, "runs"), help="parent folder of the run folder")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
     total = args.total_timesteps or CPU_BUDGET[args.env]
     if total < args.eval_every or args.num_seeds < 1:
         print("error: need --total-timesteps >= --eval-every and --num-seeds >= 1", file=sys.stderr)
@@ -43,6 +51,7 @@ def main() -> int:
         "--total-timesteps", str(total), "--eval-every", str(args.eval_every),
         "--probe-every", str(args.eval_every * max(1, total // args.eval_every // 4)), "--runs-dir", args.runs_dir,
     ]  # fmt: skip
+    cmd += ([] if args.table3 else CPU_CONFIG[args.env]) + extra
     print("running:", " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
         print("error: ddpl_gaussian_ablation.py failed", file=sys.stderr)
@@ -65,7 +74,8 @@ def main() -> int:
             mean = sum(values) / len(values)
             std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
             wins = f" win {sum(float(r['win_rate']) for r in at) / len(at):.2f}" if args.env == "smax" else ""
-            cells.append(f"{label} {mean:8.3f} +- {std:6.3f}{wins}")
+            spread = sum(float(r["action_std"]) for r in at) / len(at)
+            cells.append(f"{label} {mean:8.3f} +- {std:6.3f}{wins} std(a) {spread:.3f}")
         print(f"  {step:>9}: " + " | ".join(cells))
     for label, result in summary["comparison"].items():
         final, best = result["final_eval_return"], result["best_eval_return"]

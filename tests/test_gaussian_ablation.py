@@ -36,16 +36,20 @@ def read_rows(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Side by side: MPE --compare (reverse KL) with probes, and SMAX 3s_vs_5z with the forward projection."""
+    """Side by side: MPE --compare (reverse KL) with probes, SMAX 3s_vs_5z with the forward projection, and the toy
+    game's --compare for N = 1 and 2 (its own small defaults, with the budget cut further)."""
     tmp = tmp_path_factory.mktemp("ablation")
+    toy = ["--env", "toy", "--compare", "--toy-agents", "1", "2", "--total-timesteps", "160", "--eval-every", "80"]
+    toy += ["--learning-starts", "40", "--num-seeds", "2", "--hidden-size", "16", "--num-diffusion-steps", "3"]
     procs = {
         "compare": start_cli(*TINY, "--compare", "--probe-every", "200", "--runs-dir", str(tmp / "a"), cwd=tmp),
         "forward": start_cli(*TINY, "--env", "smax", "--projection", "forward", "--runs-dir", str(tmp / "b"), cwd=tmp),
+        "toy": start_cli(*toy, "--runs-dir", str(tmp / "c"), cwd=tmp),
     }
     for proc in procs.values():
         _, stderr = proc.communicate(timeout=900)
         assert proc.returncode == 0, stderr
-    return {"compare": next((tmp / "a").iterdir()), "forward": next((tmp / "b").iterdir())}
+    return {name: next((tmp / d).iterdir()) for name, d in (("compare", "a"), ("forward", "b"), ("toy", "c"))}
 
 
 def test_compare_trains_both_classes_on_the_same_seeds(runs):
@@ -89,7 +93,8 @@ def test_forward_projection_on_smax(runs):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--env", "mujoco"], "--env: unknown 'mujoco'; choose from mpe, smax"),
+        (["--env", "mujoco"], "--env: unknown 'mujoco'; choose from mpe, smax, toy"),
+        (["--env", "toy", "--toy-agents", "0"], "--toy-agents must be numbers of agents >= 1"),
         (["--projection", "sideways"], "choose from reverse, forward"),
         (["--policy", "beta"], "choose from gaussian, diffusion"),
         (["--env", "smax", "--map", "1z_vs_1z"], "valid maps: 10m_vs_11m"),
@@ -115,9 +120,10 @@ def bimodal_q(a):
 
 
 def test_reverse_kl_gaussian_collapses_onto_one_mode_of_a_bimodal_target():
-    """Thm 3.1 in miniature, with the script's own Gaussian class and reverse-KL loss: repeated DecSPG steps toward
-    pi^t exp(Q) with a fixed bimodal Q, from N(0.1, 0.5^2). The exact energy-based iterate pi^0 exp(t Q) keeps both
-    modes (their mass ratio is fixed by pi^0); the Gaussian commits to one mode and loses the other."""
+    """Thm 3.1 in miniature, with the script's own (tanh-squashed) Gaussian class and reverse-KL loss: repeated
+    DecSPG steps toward pi^t exp(Q) with a fixed bimodal Q, from tanh of N(0.1, 0.5^2). The exact energy-based iterate
+    pi^0 exp(t Q) keeps both modes (their mass ratio is fixed by pi^0); the Gaussian commits to one mode and loses
+    the other."""
     steps = 400
     args = replace(abl.Args(), projection="reverse", num_action_samples=64, eta=1.0, weight_rule="raw")
     init, _, actor_loss = abl.make_policy(args, "gaussian", 1)
@@ -139,11 +145,13 @@ def test_reverse_kl_gaussian_collapses_onto_one_mode_of_a_bimodal_target():
     for key in jax.random.split(jax.random.PRNGKey(1), steps):
         params, opt = step(params, opt, key)
     mean, log_std = abl.GaussianActor(action_dim=1, hidden=args.hidden_size).apply(params, obs[:1])
-    mean, std = float(mean[0, 0]), float(jnp.exp(log_std[0, 0]))
+    actions = np.asarray(
+        jnp.tanh(mean[0, 0] + jnp.exp(log_std[0, 0]) * jax.random.normal(jax.random.PRNGKey(2), (4096,)))
+    )
+    mean, std = float(actions.mean()), float(actions.std())  # of the squashed actions
     kept, lost = (0.5, -0.5) if mean > 0 else (-0.5, 0.5)
     assert abs(mean - kept) < 0.1 and std < 0.15, (mean, std)  # on one mode, narrow
-    gauss_mass_lost = jax.scipy.stats.norm.cdf(lost + 0.2, mean, std) - jax.scipy.stats.norm.cdf(lost - 0.2, mean, std)
-    assert gauss_mass_lost < 0.01, gauss_mass_lost
+    assert np.mean(np.abs(actions - lost) < 0.2) < 0.01  # the other mode's mass is gone
     # the exact iterate after as many steps (eta = 1 per step), on a grid: both modes keep real mass
     grid = jnp.linspace(-1.0, 1.0, 2001)
     log_p = jax.scipy.stats.norm.logpdf(grid, 0.1, 0.5) + steps * bimodal_q(grid)
@@ -151,3 +159,61 @@ def test_reverse_kl_gaussian_collapses_onto_one_mode_of_a_bimodal_target():
     p = p / p.sum()
     for m in MODES:
         assert float(p[jnp.abs(grid - m) < 0.2].sum()) > 0.3, m
+
+
+def test_toy_compare_reports_success_per_class_and_number_of_agents(runs):
+    run_dir = runs["toy"]
+    for name in ("config.json", "metrics.csv", "summary.json", "learning_curve.png", "success_vs_agents.png"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["env_id"] == "toy" and summary["toy_agents"] == [1, 2] and summary["num_seeds"] == 2
+    rows = read_rows(run_dir)
+    for label in ("diffusion", "gaussian-reverse"):
+        for n in ("1", "2"):
+            final = [r for r in rows if (r["policy"], r["num_agents"], r["global_step"]) == (label, n, "160")]
+            rate = summary["success_rate"][label][n]
+            assert rate["per_seed"] == [float(r["win_rate"]) for r in final] and len(final) == 2
+            assert all(0.0 <= v <= 1.0 for v in rate["per_seed"])
+            # team reward = sum over the copies, each at most 1 per step: a 10-step return is at most 10 N
+            assert all(0.0 <= float(r["episodic_return"]) <= 10.0 * int(n) for r in final)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["gamma"] == abl.TOY_DEFAULTS.gamma and config["total_timesteps"] == 160  # toy default, flag
+
+
+def test_env_toy_takes_the_toy_defaults_and_flags_still_win(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ddpl_gaussian_ablation.py", "--env", "toy", "--total-timesteps", "300"])
+    args = abl.parse_args()
+    assert args.total_timesteps == 300 and args.hidden_size == abl.TOY_DEFAULTS.hidden_size != abl.Args().hidden_size
+    monkeypatch.setattr(sys, "argv", ["ddpl_gaussian_ablation.py", "--env=mpe"])
+    assert abl.parse_args() == abl.Args()
+
+
+def test_toy_game_is_toy_failure_mode_s_game():
+    """The parameters are toy_failure_mode.py's defaults, and the dynamics are the MDP of Sec. 3.2.1 per agent: the
+    bump pays at a = 0, only the window around a* moves to goal (with probability p), goal pays at a_g; success is
+    every copy at goal when the episode ends, so an optimal team succeeds with probability p^N."""
+    import toy_failure_mode
+
+    toy_args = toy_failure_mode.Args()
+    assert all(getattr(toy_args, k) == v for k, v in abl.TOY.items()) and abl.TOY_DEFAULTS.gamma == toy_args.gamma
+    env, n = abl.ToyArrays(2), 4000
+    obs, world_state, state = env.reset(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(obs), [[1, 0, 0], [1, 0, 0]])
+    keys = jax.random.split(jax.random.PRNGKey(1), n)
+    out = jax.vmap(env.step, (0, None, None))(keys, state, jnp.array([[0.0], [0.8]]))  # bump, then a*
+    np.testing.assert_allclose(np.asarray(out["reward"]), 1.0, atol=1e-6)  # 1 + exp(-32): the bump alone pays
+    assert (np.asarray(out["next_obs"][:, 0]) == [0, 0, 1]).all()  # a = 0 always falls to sink
+    at_goal = np.asarray(out["next_obs"][:, 1, 1])
+    assert set(np.unique(at_goal)) == {0.0, 1.0} and abs(at_goal.mean() - 0.5) < 0.03  # a* reaches goal w.p. p
+
+    def episode(key):  # both agents play a* in s0, then a_g: return and success
+        state, ret = env.reset(key)[2], 0.0
+        for t in range(env.episode_length):
+            key, k = jax.random.split(key)
+            out = env.step(k, state, jnp.full((2, 1), 0.8 if t == 0 else -0.5))
+            state, ret = out["state"], ret + out["reward"][0]
+        return ret, out["won"], out["done"]
+
+    ret, won, done = jax.jit(jax.vmap(episode))(keys)
+    assert np.asarray(done).all() and abs(float(won.mean()) - 0.25) < 0.03  # p^2
+    np.testing.assert_allclose(np.asarray(ret)[np.asarray(won)], 18.0, atol=1e-4)  # 9 goal steps x 2 agents
