@@ -1,11 +1,12 @@
 """DDPL's policy-class ablation (arXiv 2605.07101, Sec. 5 "Ablation study", Fig. 4): diffusion vs Gaussian policies.
 
 The same Algorithm 2 loop, averaged-Q critics, replay buffer and hyperparameters as ddpl_mpe.py and ddpl_smax.py;
-only the policy class changes. `--policy gaussian` (the default) uses a diagonal Gaussian per agent, projected onto
-the same DecSPG target pi^t exp(eta Qbar_i) by reverse KL (`--projection reverse`, the paper's Thm 3.1) or by
-weighted maximum likelihood on the ISSM weights (`--projection forward`, ours). `--policy diffusion` is DDPL itself.
+only the policy class changes. `--policy gaussian` (the default) uses a tanh-squashed diagonal Gaussian per agent,
+projected onto the same DecSPG target pi^t exp(eta Qbar_i) by reverse KL (`--projection reverse`, the paper's
+Thm 3.1) or by weighted maximum likelihood on the ISSM weights (`--projection forward`, ours). `--policy diffusion` is DDPL itself.
 `--compare` trains both classes with the same seeds and budget and draws them in one figure; `--probe-every` records
-the action distribution at a fixed state during training (the Fig. 4 right analogue).
+the action distribution at a fixed state during training (the Fig. 4 right analogue). `--env toy` runs the paper's
+N-agent toy game of Sec. 3 through this Algorithm 2 and reports the success rate against N (--toy-agents).
 Flags, metrics, choices and measured numbers: docs/ddpl_gaussian_ablation.md.
 """
 
@@ -1106,8 +1107,8 @@ def main(args: Args) -> int:
         run.finish()
     for (label, n), result in results.items():
         final, name = result["final_eval_return"], label if n is None else f"{label}, N = {n}"
-        wins = f", {'success' if n else 'win'} rate {result['final_win_rate']['mean']:.2f}" if n or wins else ""
-        print(f"{name:>24}: final eval return {final['mean']:.3f} +- {final['std']:.3f}{wins}")
+        rate = f", {'success' if n else 'win'} rate {result['final_win_rate']['mean']:.2f}" if n or wins else ""
+        print(f"{name:>24}: final eval return {final['mean']:.3f} +- {final['std']:.3f}{rate}")
     print(f"wrote {run_dir}")
     return 0
 
