@@ -3,10 +3,10 @@
 The same Algorithm 2 loop, averaged-Q critics, replay buffer and hyperparameters as ddpl_mpe.py and ddpl_smax.py;
 only the policy class changes. `--policy gaussian` (the default) uses a tanh-squashed diagonal Gaussian per agent,
 projected onto the same DecSPG target pi^t exp(eta Qbar_i) by reverse KL (`--projection reverse`, the paper's
-Thm 3.1) or by weighted maximum likelihood on the ISSM weights (`--projection forward`, ours). `--policy diffusion` is DDPL itself.
-`--compare` trains both classes with the same seeds and budget and draws them in one figure; `--probe-every` records
-the action distribution at a fixed state during training (the Fig. 4 right analogue). `--env toy` runs the paper's
-N-agent toy game of Sec. 3 through this Algorithm 2 and reports the success rate against N (--toy-agents).
+Thm 3.1) or by weighted maximum likelihood on the ISSM weights (`--projection forward`, ours). `--policy diffusion`
+is DDPL itself. `--compare` trains both classes with the same seeds and budget and draws them in one figure;
+`--probe-every` records the action distribution at a fixed state during training (the Fig. 4 right analogue).
+`--env toy` runs the paper's N-agent toy game of Sec. 3 through Algorithm 2 and reports success against N.
 Flags, metrics, choices and measured numbers: docs/ddpl_gaussian_ablation.md.
 """
 
