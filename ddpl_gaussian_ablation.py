@@ -691,7 +691,8 @@ class TwinCritic(nn.Module):
 
 # ALGO LOGIC: Algorithm 2 with a pluggable policy class. One iteration: every env steps once, then U updates.
 def make_train(args: Args, env, policy: str):
-    """Returns init(seed), train_chunk(state, chunk), evaluate(actor, seed, step) and probe(actor, seed), all per seed.
+    """Returns init(seed), train_chunk(state, chunk), evaluate(actor, seed, step), critic_value(critic, state, action)
+    and probe(actor, seed), all per seed, then the env steps per chunk and the number of chunks.
 
     The ddpl_smax.py loop, written once for both envs: MPE is the special case with no deaths, no wins and the
     concatenated observations as global state.
@@ -810,21 +811,30 @@ def make_train(args: Args, env, policy: str):
         )
 
     def evaluate(actor, seed, global_step):
-        """Mean return (per agent) and win rate of --num-eval-episodes episodes, stochastic policy (Sec. 5)."""
+        """Mean return (per agent) and win rate of --num-eval-episodes episodes, stochastic policy (Sec. 5), and for
+        the critic check the mean discounted return sum_t gamma^t reward_scale r_t with the first states and actions."""
         key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
-        obs, _, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
+        obs, state0, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
 
         def step(carry, key):
-            obs, env_state, running, ret, won = carry
+            obs, env_state, running, ret, won, disc, discount = carry
             k_act, k_env = jax.random.split(key)
             keys = jax.random.split(k_env, args.num_eval_episodes)
-            out = jax.vmap(env.step)(keys, env_state, act(actor, obs, k_act))
+            action = act(actor, obs, k_act)
+            out = jax.vmap(env.step)(keys, env_state, action)
             ret, won = ret + running * out["reward"].mean(axis=-1), won + running * out["won"]
-            return (out["obs"], out["state"], running * (1.0 - out["done"]), ret, won), None
+            disc += discount * args.reward_scale * running * out["reward"].mean(axis=-1)
+            carry = (out["obs"], out["state"], running * (1.0 - out["done"]), ret, won, disc, discount * args.gamma)
+            return carry, action
 
-        carry = (obs, env_state, *jnp.zeros((3, args.num_eval_episodes)).at[0].set(1.0))
-        (*_, ret, won), _ = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
-        return ret.mean(), won.mean()
+        carry = (obs, env_state, *jnp.zeros((4, args.num_eval_episodes)).at[0].set(1.0), jnp.float32(1.0))
+        (*_, ret, won, disc, _), actions = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
+        return ret.mean(), won.mean(), disc.mean(), state0, actions[0]
+
+    def critic_value(critic, state, action):
+        """The critic check: min(Q1, Q2)(s_0, a_i0) of the evaluation episodes' first step, mean over agents."""
+        q = jax.vmap(lambda c, a: jnp.minimum(*critic_net.apply(c, state, a)))(critic, jnp.swapaxes(action, 0, 1))
+        return q.mean()
 
     def probe(actor, seed):
         """PROBE_SAMPLES actions of every agent at the probe state, (N, PROBE_SAMPLES, A). The probe state is the
@@ -835,7 +845,7 @@ def make_train(args: Args, env, policy: str):
             actor, jnp.broadcast_to(obs[:, None], (N, PROBE_SAMPLES, D)), jax.random.split(k_act, N)
         )
 
-    return init, train_chunk, evaluate, probe, iters_per_chunk * E, num_iterations // iters_per_chunk
+    return init, train_chunk, evaluate, critic_value, probe, iters_per_chunk * E, num_iterations // iters_per_chunk
 
 
 # TRY NOT TO MODIFY: logging, the comparison figure, the probe figure and the summary
@@ -950,7 +960,7 @@ def train_one(args: Args, env, policy: str, label: str, seeds, log, bar_desc: st
     from tqdm import tqdm
 
     start_compile = time.time()
-    init, train_chunk, evaluate, probe, steps_per_chunk, num_chunks = make_train(args, env, policy)
+    init, train_chunk, evaluate, critic_value, probe, steps_per_chunk, num_chunks = make_train(args, env, policy)
     lanes, whole = seed_placement()
     rs = jax.jit(jax.vmap(init), out_shardings=lanes)(seeds)
     train_chunk = jax.vmap(train_chunk, in_axes=(0, None))
@@ -958,7 +968,7 @@ def train_one(args: Args, env, policy: str, label: str, seeds, log, bar_desc: st
     train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()
     evaluate = jax.vmap(evaluate, in_axes=(0, 0, None))
     evaluate = jax.jit(evaluate, in_shardings=(lanes, lanes, whole), out_shardings=lanes)
-    probe = jax.jit(jax.vmap(probe))
+    probe, critic_value = jax.jit(jax.vmap(probe)), jax.jit(jax.vmap(critic_value))
     print(f"{label}: compiled in {time.time() - start_compile:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps")
     start, best, best_mean, probes, probe_steps = time.time(), None, -np.inf, [], []
     bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=bar_desc)
@@ -968,8 +978,10 @@ def train_one(args: Args, env, policy: str, label: str, seeds, log, bar_desc: st
     for chunk in range(num_chunks):
         rs, metrics = train_chunk(rs, jnp.int32(chunk))
         global_step = (chunk + 1) * steps_per_chunk
-        returns, wins = evaluate(rs["learner"]["actor"], seeds, jnp.int32(global_step))
-        metrics = jax.device_get({"episodic_return": returns, "win_rate": wins, **metrics})
+        returns, wins, disc, state, action = evaluate(rs["learner"]["actor"], seeds, jnp.int32(global_step))
+        q_first = critic_value(rs["learner"]["critic"], state, action)
+        metrics = {"episodic_return": returns, "win_rate": wins, "q_first": q_first, "disc_return": disc, **metrics}
+        metrics = jax.device_get(metrics)
         elapsed = time.time() - start
         sps = global_step / elapsed
         log(label, global_step, metrics, sps, elapsed)
@@ -1013,7 +1025,8 @@ def main(args: Args) -> int:
 
     seeds = jax.device_put(jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed, seed_placement()[0])
     print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seeds.addressable_shards})
-    metric_names = ("episodic_return", "win_rate", "train_return", "train_win_rate", *UPDATE_METRICS)
+    metric_names = ("episodic_return", "win_rate", "train_return", "train_win_rate", "q_first", "disc_return")
+    metric_names += UPDATE_METRICS
     if args.env == "mpe":  # MPE has no wins
         metric_names = tuple(m for m in metric_names if "win" not in m)
     agent_counts = args.toy_agents if args.env == "toy" else (None,)  # the toy trains every N in turn

@@ -38,7 +38,7 @@ def main() -> int:
 
     q_on_grid = jax.jit(jax.vmap(q_on_grid, (0, None)))
     for policy in ("diffusion", "gaussian"):
-        init, train_chunk, _, probe, steps_per_chunk, num_chunks = abl.make_train(args, env, policy)
+        init, train_chunk, _, _, probe, steps_per_chunk, num_chunks = abl.make_train(args, env, policy)
         rs = jax.jit(jax.vmap(init))(seeds)
         train_chunk, probe = jax.jit(jax.vmap(train_chunk, in_axes=(0, None))), jax.jit(jax.vmap(probe))
         print(f"\n{policy}, {args.num_seeds} seeds (one value per seed)")

@@ -69,6 +69,8 @@ def test_compare_trains_both_classes_on_the_same_seeds(runs):
         assert summary["comparison"][label]["final_eval_return"]["per_seed"] == final
         for r in mine:
             assert np.isfinite(float(r["critic_loss"])) and 0.0 < float(r["action_std"]) <= 1.0
+            # the critic check: MPE rewards are negative, so discounting shrinks the return toward 0
+            assert np.isfinite(float(r["q_first"])) and float(r["episodic_return"]) <= float(r["disc_return"]) < 0
     probes = np.load(run_dir / "probes.npz")
     for label in ("diffusion", "gaussian-reverse"):
         assert list(probes[f"{label}__steps"]) == [0, 200, 400]
@@ -176,6 +178,7 @@ def test_toy_compare_reports_success_per_class_and_number_of_agents(runs):
             assert all(0.0 <= v <= 1.0 for v in rate["per_seed"])
             # team reward = sum over the copies, each at most 1 per step: a 10-step return is at most 10 N
             assert all(0.0 <= float(r["episodic_return"]) <= 10.0 * int(n) for r in final)
+            assert all(0.0 <= float(r["disc_return"]) <= float(r["episodic_return"]) + 1e-6 for r in final)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["gamma"] == abl.TOY_DEFAULTS.gamma and config["total_timesteps"] == 160  # toy default, flag
 
