@@ -408,11 +408,6 @@ def issm_weights(q, eta, q_scale=None):
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
-def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, q_scale=None):
-    """ISSM (eq. 2): DSM on M actions drawn from pi^t per state, weighted toward pi^t exp(eta Qbar)."""
-    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, q_scale))
-
-
 def weight_ess(weights):
     """Effective sample size of each state's weights as a fraction of M: 1 / (M sum_j w_j^2), in [1/M, 1]."""
     return 1.0 / (weights.shape[-1] * jnp.sum(weights**2, axis=-1))

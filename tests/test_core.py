@@ -14,7 +14,6 @@ from toy_failure_mode import (
     ScoreNet,
     TwinCritic,
     dsm_loss,
-    issm_loss,
     issm_temperature,
     issm_weights,
     make_noise_schedule,
@@ -24,6 +23,11 @@ from toy_failure_mode import (
 )
 
 SCHEDULES = ("linear", "cosine", "vp")
+
+
+def issm_loss(apply_fn, params, obs, actions, q, key, sched, eta, q_scale=None):
+    """ISSM (eq. 2) as the scripts compute it: DSM on pi^t's M samples per state, weighted by issm_weights."""
+    return dsm_loss(apply_fn, params, obs, actions, key, sched, issm_weights(q, eta, q_scale))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
