@@ -1,4 +1,5 @@
-"""The DDPL core is the same text in every script (STYLE.md): compare the marked blocks across the repo root."""
+"""The DDPL core is the same text in every script (STYLE.md), and so is the plumbing block (command line, run folder,
+chunk loop) of every ddpl_*.py: compare the marked blocks across the repo root."""
 
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "# --- DDPL core: begin ---"
 END = "# --- DDPL core: end ---"
+PLUMBING = ("# --- plumbing: begin ---", "# --- plumbing: end ---")
 
 
 def core_files() -> list[Path]:
@@ -16,20 +18,20 @@ def core_files() -> list[Path]:
     return files + [toy] if toy.exists() else files
 
 
-def core_block(text: str) -> str:
+def core_block(text: str, begin: str = BEGIN, end: str = END) -> str:
     """The text between the begin and end markers; exactly one of each, begin first."""
-    n_begin, n_end = text.count(BEGIN), text.count(END)
+    n_begin, n_end = text.count(begin), text.count(end)
     if n_begin != 1 or n_end != 1:
         raise ValueError(f"expected one begin and one end marker, found {n_begin} and {n_end}")
-    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
+    start, stop = text.index(begin) + len(begin), text.index(end)
     if stop < start:
         raise ValueError("the end marker comes before the begin marker")
     return text[start:stop]
 
 
-def differing_blocks(texts: dict[str, str]) -> list[str]:
-    """Names whose core block differs from the first one's (empty: all identical)."""
-    blocks = {name: core_block(text) for name, text in texts.items()}
+def differing_blocks(texts: dict[str, str], markers: tuple[str, str] = (BEGIN, END)) -> list[str]:
+    """Names whose marked block differs from the first one's (empty: all identical)."""
+    blocks = {name: core_block(text, *markers) for name, text in texts.items()}
     reference = next(iter(blocks.values()))
     return [name for name, block in blocks.items() if block != reference]
 
@@ -50,6 +52,14 @@ def test_exactly_one_pair_of_markers(path):
 def test_core_blocks_identical():
     texts = {path.name: path.read_text() for path in core_files()}
     assert differing_blocks(texts) == [], f"DDPL core differs from {next(iter(texts))} in these files"
+
+
+def test_plumbing_blocks_identical():
+    texts = {path.name: path.read_text() for path in sorted(REPO_ROOT.glob("ddpl_*.py"))}
+    assert len(texts) == 5
+    for name, text in texts.items():
+        assert "class RunFolder" in core_block(text, *PLUMBING), name
+    assert differing_blocks(texts, PLUMBING) == [], f"plumbing differs from {next(iter(texts))} in these files"
 
 
 def test_helper_detects_one_character_change():

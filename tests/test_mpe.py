@@ -203,7 +203,7 @@ def test_num_seeds_must_be_a_multiple_of_the_devices(tmp_path):
         (["--num-action-samples", "1"], "--num-action-samples must be >= 2"),
         (["--eval-only"], "--eval-only and --checkpoint"),
         (["--checkpoint", "model.flax"], "--eval-only and --checkpoint"),
-        (["--noise-schedule", "quadratic"], "choose from linear, cosine, vp"),
+        (["--noise-schedule", "quadratic"], "Expected one of ('linear', 'cosine', 'vp')"),
         (["--num-seeds", "two"], "--num-seeds"),
     ],
 )
