@@ -1,10 +1,10 @@
 """DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on JaxMARL SMAX, continuous actions.
 
-Every ally acts with its own DDPM policy on its local observation; twin averaged-Q critics Qbar_i(s, a_i) on the env's
-world state and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by
-importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. The enemies are SMAX's heuristic AI.
-Env steps, the replay buffer and all updates run in one jitted lax.scan per chunk, with seeds and agents vmapped.
-Flags, metrics, choices and measured numbers: docs/ddpl_smax.md.
+Every ally acts with its own DDPM policy on its local observation; twin averaged-Q critics Qbar_i(s, a_i) on the
+units' scaled features and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i)
+by importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. The enemies are SMAX's heuristic
+AI. Env steps, the replay buffer and all updates run in one jitted lax.scan per chunk, with seeds and agents vmapped.
+Details: docs/ddpl_smax.md.
 """
 
 import contextlib
@@ -16,6 +16,8 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
+from typing import Literal
 
 import flax.linen as nn
 import flax.serialization
@@ -26,15 +28,13 @@ import numpy as np
 import optax
 import tyro
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxmarl.environments.smax import map_name_to_scenario
-from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
+from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO, map_name_to_scenario
 
-NOISE_SCHEDULES = ("linear", "cosine", "vp")
-WEIGHT_RULES = ("state", "batch", "raw")  # --weight-rule: the scale of Qbar in the ISSM softmax
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta", "alive_fraction")
 METRICS = ("episodic_return", "win_rate", "train_return", "train_win_rate", "q_first", "disc_return", *UPDATE_METRICS)
 PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
 POLICY_FIELDS = ("map", "hidden_size", "num_diffusion_steps", "noise_schedule")  # what a checkpoint fixes
+SMAX_MAPS = tuple(sorted(MAP_NAME_TO_SCENARIO))  # --map's choices: the maps map_name_to_scenario knows
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Args:
     """parent folder of the run folder"""
 
     # Algorithm specific arguments
-    map: str = "3s_vs_5z"
+    map: Literal[SMAX_MAPS] = "3s_vs_5z"
     """an SMAX map (jaxmarl's map_name_to_scenario); the paper uses 3s_vs_5z and 6h_vs_8z"""
     total_timesteps: int = 2_000_000
     """environment steps per seed (each of the --num-envs envs counts; ours: the paper's budget was lost)"""
@@ -87,8 +87,8 @@ class Args:
     """width of the 3 mish layers of score networks and critics (Table 3)"""
     num_diffusion_steps: int = 20
     """K: denoising steps of every policy (Table 3)"""
-    noise_schedule: str = "cosine"
-    """linear, cosine or vp (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
+    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
+    """ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide"""
     eta: float = 1.0
     """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
     num_action_samples: int = 4
@@ -96,7 +96,7 @@ class Args:
     issm_batch_size: int = 0
     """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
     0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
-    weight_rule: str = "state"
+    weight_rule: Literal["state", "batch", "raw"] = "state"
     """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
     batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
     target_ess: float = 0.0
@@ -111,86 +111,16 @@ class Args:
     """env steps between probes of the action distribution at a fixed state (0: off); a multiple of --eval-every"""
 
 
-def parse_args() -> Args:
-    """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args)
-    except SystemExit as e:
-        if e.code:
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
-            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise
-
-
-def valid_maps() -> list[str]:
-    """The maps map_name_to_scenario knows (its registry, which jaxmarl's register_scenario extends)."""
-    return sorted(MAP_NAME_TO_SCENARIO)
-
-
-def load_checkpoint(path: str) -> dict:
-    """{"actor": params with leading (seed, agent) axes, "global_step", "config"} from a --save-model file."""
-    with open(path, "rb") as f:
-        ckpt = flax.serialization.msgpack_restore(f.read())
-    ckpt["config"] = json.loads(ckpt["config"])
-    missing = [k for k in POLICY_FIELDS if k not in ckpt["config"]] + [
-        k for k in ("actor", "global_step") if k not in ckpt
-    ]
-    if missing:
-        raise ValueError(f"missing {missing}")
-    return ckpt
-
-
-def validate(args: Args) -> str | None:
-    """Return a one-line description of the first invalid flag, or None. Runs before anything is written."""
-    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
-        return "--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together"
-    if args.checkpoint:
-        try:
-            load_checkpoint(args.checkpoint)
-        except Exception as e:
-            return f"--checkpoint: cannot read {args.checkpoint!r} as a ddpl_smax model.flax ({type(e).__name__}: {e})"
-    if args.map not in MAP_NAME_TO_SCENARIO:
-        return f"--map: unknown SMAX map {args.map!r}; valid maps: {', '.join(valid_maps())}"
-    if args.noise_schedule not in NOISE_SCHEDULES:
-        return f"--noise-schedule: unknown {args.noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}"
-    if not 0 <= args.issm_batch_size <= args.batch_size:
-        return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
-    if args.weight_rule not in WEIGHT_RULES:
-        return f"--weight-rule: unknown {args.weight_rule!r}; choose from {', '.join(WEIGHT_RULES)}"
-    if not 0 <= args.target_ess < 1:
-        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
-    if args.num_action_samples < 2:
-        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
-    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
-    minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
-    for name, low in minimum.items():
-        if getattr(args, name) < low:
-            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
-    if not args.num_envs <= args.eval_every <= args.total_timesteps:
-        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
-        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
-    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
-    if args.probe_every < 0 or args.probe_every % chunk:
-        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
-    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
-        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
-    if args.learning_rate_end <= 0:
-        return "--learning-rate-end must be > 0"
-    if args.track and importlib.util.find_spec("wandb") is None:
-        return "--track needs the wandb package (pip install wandb), which is not installed"
-    return None
-
-
 # ALGO LOGIC: environment glue. JaxMARL's dicts become arrays with agents (the allies) on a leading axis.
-class SMAXArrays:
-    """HeuristicEnemySMAX with continuous actions seen through arrays (docs/ddpl_smax.md, "Environment").
+def valid_maps() -> list[str]:
+    """--map's choices, sorted (benchmarks/timing.py checks its own --map against them)."""
+    return list(SMAX_MAPS)
 
-    obs (N, obs_dim) per ally, the env's world state (state_dim,) for the critics, learner actions in [-1, 1]^(N, 4),
-    one shared team reward. Action layout (env.continuous_action_dims): [shoot_last_enemy, do_shoot, r, angle / 2pi].
-    """
+
+class SMAXArrays:
+    """HeuristicEnemySMAX with continuous actions as arrays: obs (N, obs_dim) per ally, the critics' state
+    (state_dim,), learner actions in [-1, 1]^(N, 4), one team reward. Action layout (env.continuous_action_dims):
+    [shoot_last_enemy, do_shoot, r, angle / 2pi]. docs/ddpl_smax.md, "Environment"."""
 
     ACTION_EPS = 1e-3  # env actions stay in [eps, 1 - eps]: the env samples move-vs-shoot from log(a), log(1 - a)
 
@@ -205,10 +135,9 @@ class SMAXArrays:
         self.episode_length = self.env.max_steps + 1  # done is raised when step >= max_steps: at most 101 steps
 
     def critic_state(self, state) -> jax.Array:
-        """The critics' input: every unit's features as SMAX builds them for a unit's own observation (health,
-        position / map size, weapon cooldown / its maximum clipped to [0, 1], type one-hot; zeros when dead).
-        The env's world_state has the same features unscaled (positions 0-32, cooldowns drifting to about -50)
-        plus constant team and type ids: critics on it start with offsets larger than the whole return."""
+        """Every unit's features as SMAX builds them for a unit's own observation (health, position / map size,
+        cooldown / its maximum clipped to [0, 1], type one-hot; zeros when dead). The env's world_state is unscaled:
+        critics on it start with offsets larger than the whole return (docs/ddpl_smax.md)."""
         units = jnp.arange(self.env.num_allies + self.env.num_enemies)
         return jax.vmap(self.env._get_own_features, (None, 0))(state.state, units).reshape(-1)
 
@@ -227,13 +156,10 @@ class SMAXArrays:
         return jnp.clip(eps + (1.0 - 2.0 * eps) * 0.5 * (action + 1.0), eps, 1.0 - eps)
 
     def step(self, key, state, action) -> dict:
-        """One step of one env: the transition for the replay buffer and what the policies see next.
-
-        JaxMARL's env.step auto-resets and returns an empty info, so the terminal observation and the win would be
-        lost; we call step_env (no reset) and reset ourselves, with env.step's own key split, so obs and state equal
-        env.step's output (tests/test_smax.py checks it). "next_*" is the true successor s'; "obs", "world_state",
-        "state" are the reset ones where the episode ended.
-        """
+        """One step of one env -> dict. next_obs, next_world_state are the true successor s' (for the buffer); obs,
+        world_state, state what the policies see next: the reset ones where the episode ended. env.step would lose
+        the terminal observation and the win, so we call step_env and reset with env.step's own key split
+        (tests/test_smax.py)."""
         env_action = self.to_env_action(action)
         key, key_reset = jax.random.split(key)
         obs_st, state_st, reward, dones, _ = self.env.step_env(
@@ -261,7 +187,8 @@ class SMAXArrays:
 
 
 def buffer_init(size: int, N: int, D: int, S: int, A: int) -> dict:
-    """Fixed-size replay arrays for N agents, D-dim observations, an S-dim world state and A-dim actions."""
+    """Fixed-size replay arrays for N agents, D-dim observations, S-dim critic states and A-dim actions; they live in
+    the scan carry."""
     shapes = {"obs": (N, D), "world_state": (S,), "action": (N, A), "reward": (), "next_obs": (N, D)}
     shapes |= {"next_world_state": (S,), "terminal": (), "alive": (N,), "next_alive": (N,)}
     return {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
@@ -289,19 +216,12 @@ def make_noise_schedule(name: str, num_steps: int) -> dict:
         betas = 1.0 - jnp.exp(-0.1 / K - 0.5 * (10.0 - 0.1) * (2 * t - 1) / K**2)
     else:
         raise ValueError(f"unknown noise schedule {name!r}; choose from linear, cosine, vp")
-    alphas = 1.0 - betas
-    abar = jnp.cumprod(alphas)
+    alphas, abar = 1.0 - betas, jnp.cumprod(1.0 - betas)
     abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
-    return {
-        "betas": betas,
-        "abar": abar,
-        # posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7)
-        "c1": jnp.sqrt(abar_prev) * betas / (1.0 - abar),
-        "c2": jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar),
-        # sigma_k^2 = b_k (ours): with K = 20 the posterior variance makes broad policies too narrow
-        # (tests/test_core.py::test_sampler_fidelity; ALGORITHM.md sec. 3 "Measured")
-        "sigma": jnp.sqrt(betas),
-    }
+    # c1, c2: posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7). sigma_k^2 = b_k (ours): with
+    # K = 20 the posterior variance makes broad policies too narrow (ALGORITHM.md sec. 3 "Measured")
+    c1, c2 = jnp.sqrt(abar_prev) * betas / (1.0 - abar), jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar)
+    return {"betas": betas, "abar": abar, "c1": c1, "c2": c2, "sigma": jnp.sqrt(betas)}
 
 
 def mish(x):
@@ -318,11 +238,8 @@ def step_embedding(k):
 
 
 class ScoreNet(nn.Module):
-    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o].
-
-    __call__ defines the network (and its parameters). The sampler evaluates the same function in two parts:
-    condition(o), the observation's share of the first layer, once per chain, then denoise(x_k, k, c) at every step.
-    """
+    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o]. The sampler evaluates
+    __call__ in two parts: condition(o) once per chain, then denoise(x_k, k, condition(o)) at every step."""
 
     action_dim: int
     hidden: int = 256
@@ -352,11 +269,8 @@ class ScoreNet(nn.Module):
 
 
 def sample_actions(apply_fn, params, obs, key, sched, action_dim):
-    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1).
-
-    obs has shape (..., obs_dim); returns actions of shape (..., action_dim). Key use: split(key, K + 1),
-    keys[0] draws x_K and keys[1 + K - k] the noise of step k = K..1 (tests replay this with a Python loop).
-    """
+    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1). obs (..., obs_dim)
+    -> actions (..., action_dim). keys = split(key, K + 1): keys[0] draws x_K, keys[1 + K - k] the noise of step k."""
     K = sched["betas"].shape[0]
     keys = jax.random.split(key, K + 1)
     x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
@@ -364,8 +278,7 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
 
     def step(x, inp):
         k, step_key = inp  # k runs K..1
-        i = k - 1
-        eps = apply_fn(params, x, k, cond, method="denoise")
+        i, eps = k - 1, apply_fn(params, x, k, cond, method="denoise")
         # x0 prediction clipped to the action box (as in DACER), then the DDPM posterior mean
         x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
         noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
@@ -376,10 +289,8 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
 
 
 def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
-    """Denoising score matching (eq. 1) on x0 of shape (B, M, d) with obs (B, obs_dim).
-
-    weights (B, M), if given, replace the plain mean over the M samples of each state (ISSM, eq. 2).
-    """
+    """Denoising score matching (eq. 1) on x0 (B, M, d) with obs (B, obs_dim). weights (B, M), if given, replace the
+    plain mean over the M samples of each state (ISSM, eq. 2)."""
     B, M, d = x0.shape
     K = sched["betas"].shape[0]
     k_key, eps_key = jax.random.split(key)
@@ -395,12 +306,9 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
 
 
 def issm_weights(q, eta, q_scale=None):
-    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state.
-
-    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None divides
-    each state's Qbar by its own std over the M samples (the sharpness is then fixed, whatever the Q differences);
-    a number divides every state by the same scale (ours: --weight-rule, ALGORITHM.md sec. 4).
-    """
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state: with
+    pi^t as proposal, pi^{t+1} / pi^t = exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None: each state's own std over its
+    M samples; a number: one scale for every state (ours: --weight-rule, ALGORITHM.md sec. 4)."""
     if q_scale is None:
         q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
     else:
@@ -415,12 +323,9 @@ def weight_ess(weights):
 
 def issm_temperature(temp, q, rule, eta, target_ess, mask=None, rate=0.01):
     """ISSM weights (B, M) at this update's temperature -> (weights, new temp, mean ESS fraction, eta_t). Ours.
-
-    rule "state": each state's Qbar standardised over its M samples; "batch": Qbar over one scale for all states,
-    a running mean (rate per update) of the batch's mean within-state std, so states whose samples barely differ
-    get near-uniform weights; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent,
-    as SAC tunes its alpha: log_eta rises while the weights' mean ESS fraction exceeds the target, falls below it.
-    mask (B,) in {0, 1} leaves rows out of both averages (dead SMAX allies). temp: {"log_eta", "q_scale"}, zeros.
+    rule "state": each state's Qbar over its own std; "batch": over a running mean (rate per update) of the batch's
+    mean within-state std; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent on the
+    mean ESS fraction, as SAC tunes alpha. mask (B,) drops rows from both means (dead SMAX allies). temp starts at 0.
     """
     mask = jnp.ones(q.shape[0]) if mask is None else mask
     mean = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)  # noqa: E731
@@ -454,9 +359,8 @@ class TwinCritic(nn.Module):
 # --- DDPL core: end ---
 
 
-# ALGO LOGIC: ISSM weights on SMAX, where allies die. Rows (states) where the agent is dead get weight 0: its
-# observation is all zeros, its action has no effect, so the true weights there are uniform and the critic's only
-# signal is noise. dsm_loss averages over B rows, so the rest are scaled by B / (rows alive): a mean over the living.
+# ALGO LOGIC: ISSM on SMAX, where allies die: at a dead agent's rows the true weights are uniform and the critic's
+# differences are noise, so those rows get weight 0 and the rest B / (rows alive): a mean over the living.
 def alive_issm_weights(weights, alive):
     """ISSM weights (B, M), alive (B,) in {0, 1} -> the weights for dsm_loss, dead rows 0, the rest rescaled."""
     return weights * alive[:, None] * alive.shape[0] / jnp.maximum(alive.sum(), 1.0)
@@ -464,21 +368,16 @@ def alive_issm_weights(weights, alive):
 
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once, then U updates of every agent's critic and policy.
 def make_train(args: Args, env: SMAXArrays):
-    """Returns init(seed) -> runner state, train_chunk(state, chunk) -> (state, metrics), evaluate(actor, seed, step).
-
-    All three are per seed; main() jits and vmaps them over seeds. The training loop is split into chunks of
-    --eval-every env steps so that a progress bar and the evaluations run between jitted calls; the carry
-    (replay buffer included) stays on the device.
-    """
-    N, D, S, A = env.num_agents, env.obs_dim, env.state_dim, env.act_dim  # agents, obs, world-state, action dims
+    """Per-seed functions (main jits and vmaps them over seeds): init(seed) -> runner state, chunk(state, chunk) ->
+    (state, metrics) for --eval-every env steps in one lax.scan, evaluate(actor, seed, step), critic_value, probe."""
+    N, D, S, A = env.num_agents, env.obs_dim, env.state_dim, env.act_dim  # agents, observation, critic state, action
     E, B, M = args.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
     iters_per_chunk = args.eval_every // E
     num_iterations = (args.total_timesteps // (iters_per_chunk * E)) * iters_per_chunk
     num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
     sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
-    score_net = ScoreNet(action_dim=A, hidden=args.hidden_size)
-    critic_net = TwinCritic(hidden=args.hidden_size)
+    score_net, critic_net = ScoreNet(action_dim=A, hidden=args.hidden_size), TwinCritic(hidden=args.hidden_size)
     # Table 3: Adam, learning rate linear 1e-4 -> 5e-5 over training, for actors and critics alike
     tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))
 
@@ -504,16 +403,12 @@ def make_train(args: Args, env: SMAXArrays):
         return rs | {"obs": obs, "world_state": world_state, "ep_return": jnp.zeros(E), "key": key}
 
     def update_agent(p, mine, shared, key):
-        """One critic step and one ISSM step of one agent (vmapped over agents).
-
-        p: the agent's parameters and optimiser states; mine: its own o_i, a_i, o_i' and whether it is alive at s
-        and s' (B rows each); shared: the world states s and s', the team reward and terminal.
-        A dead ally's action has no effect, so Qbar_i(s, .) is flat in a_i there and its observation is all zeros:
-        the critics see the fixed action 0 for it (exact, and no irrelevant input noise), TD keeps bootstrapping
-        through its death (the team's return goes on), and ISSM leaves those rows out (docs/ddpl_smax.md).
-        """
+        """One critic step and one ISSM step of one agent (vmapped over agents). p: its parameters and optimiser
+        states; mine: its own o_i, a_i, o_i' and whether it is alive at s and s' (B rows each); shared: the critic
+        states s, s', the team reward and terminal. A dead ally's action has no effect: the critics see action 0 for
+        it, TD bootstraps through its death, ISSM leaves its rows out (docs/ddpl_smax.md, "Dead allies")."""
         k_next, k_prop, k_dsm = jax.random.split(key, 3)
-        # Averaged-Q critic (Alg. 2, line 5): world state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
+        # Averaged-Q critic (Alg. 2, line 5): critic state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
         next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
         next_action = next_action * mine["next_alive"][:, None]
         q_next = jnp.minimum(*critic_net.apply(p["critic_target"], shared["next_state"], next_action))
@@ -527,17 +422,14 @@ def make_train(args: Args, env: SMAXArrays):
         (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(p["critic"])
         updates, critic_opt = tx.update(grads, p["critic_opt"])
         critic = optax.apply_updates(p["critic"], updates)
-        # ISSM (eq. 2) on the first B_p states of the batch (a uniform subset: rows are drawn i.i.d.): M proposals
-        # per state from pi^t (no gradient flows through the sampler), self-normalised weights softmax_j(eta * Qbar)
-        # with Qbar = min of the twin ONLINE critics, just updated above
-        obs, state = mine["obs"][:Bp], shared["state"][:Bp]
+        # ISSM (eq. 2) on the first B_p states (rows are i.i.d.): M proposals per state from pi^t, no gradient
+        # through the sampler, weights softmax_j(eta * Qbar) with Qbar = min of the twin online critics just updated
+        obs, state, alive = mine["obs"][:Bp], shared["state"][:Bp], mine["alive"][:Bp]
         proposals = sample_actions(
             score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
         )
         q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(state[:, None], (Bp, M, S)), proposals))
-        alive = mine["alive"][:Bp]
         weights, temp, ess, eta = issm_temperature(p["temp"], q, args.weight_rule, args.eta, args.target_ess, alive)
-        max_weight = (weights.max(axis=-1) * alive).sum() / jnp.maximum(alive.sum(), 1.0)  # over the living rows
         a_loss, grads = jax.value_and_grad(dsm_loss, argnums=1)(
             score_net.apply, p["actor"], obs, proposals, k_dsm, sched, alive_issm_weights(weights, alive)
         )
@@ -545,6 +437,7 @@ def make_train(args: Args, env: SMAXArrays):
         actor = optax.apply_updates(p["actor"], updates)
         critic_target = optax.incremental_update(critic, p["critic_target"], args.tau)  # Polyak (Table 3)
         p = {"actor": actor, "actor_opt": actor_opt, "critic": critic, "critic_target": critic_target, "temp": temp}
+        max_weight = (weights.max(axis=-1) * alive).sum() / jnp.maximum(alive.sum(), 1.0)  # over the living rows
         metrics = [c_loss, a_loss, q_mean, max_weight, ess, eta, mine["alive"].mean()]
         return p | {"critic_opt": critic_opt}, jnp.stack(metrics)
 
@@ -553,15 +446,14 @@ def make_train(args: Args, env: SMAXArrays):
         filled = jnp.minimum((iteration + 1) * E, args.buffer_size)
         batch = jax.tree.map(lambda x: x[jax.random.randint(k_idx, (B,), 0, filled)], rs["buffer"])
         mine = {k: jnp.swapaxes(batch[k], 0, 1) for k in ("obs", "action", "next_obs", "alive", "next_alive")}
-        shared = {"state": batch["world_state"], "next_state": batch["next_world_state"]}
-        shared |= {"reward": batch["reward"], "terminal": batch["terminal"]}
+        shared = {"state": batch["world_state"], "next_state": batch["next_world_state"]}  # mine: agents first
         learner, metrics = jax.vmap(update_agent, in_axes=(0, 0, None, 0))(
-            rs["learner"], mine, shared, jax.random.split(k_agents, N)
+            rs["learner"], mine, shared | {k: batch[k] for k in ("reward", "terminal")}, jax.random.split(k_agents, N)
         )
         return rs | {"learner": learner}, metrics.mean(axis=0)
 
     def iteration_step(carry, iteration):
-        rs, ep_stats = carry
+        rs, ep_sum, ep_wins, ep_count = carry
         key, k_act, k_env, k_upd = jax.random.split(rs["key"], 4)
         # iteration is not vmapped over seeds, so both conds stay real branches (no work wasted under vmap)
         action = jax.lax.cond(
@@ -570,62 +462,55 @@ def make_train(args: Args, env: SMAXArrays):
             lambda: act(rs["learner"]["actor"], rs["obs"], k_act),
         )
         out = jax.vmap(env.step)(jax.random.split(k_env, E), rs["env_state"], action)
-        # s' is the true successor (not the reset observation) and TD bootstraps on 1 - terminal: a time-limit end
-        # (step 101) is truncation, an ally's death is not the end of the team's return
-        transitions = {"obs": rs["obs"], "world_state": rs["world_state"], "action": action}
-        transitions |= {k: out[k] for k in ("reward", "terminal", "alive", "next_alive")}
-        transitions |= {"next_obs": out["next_obs"], "next_world_state": out["next_world_state"]}
-        ep_return, done = rs["ep_return"] + out["reward"], out["done"]
-        ep_stats = ep_stats + jnp.stack([jnp.sum(ep_return * done), jnp.sum(out["won"] & done), jnp.sum(done)])
-        rs |= {"buffer": buffer_add(rs["buffer"], transitions, iteration), "env_state": out["state"]}
-        rs |= {"obs": out["obs"], "world_state": out["world_state"], "ep_return": ep_return * (1 - done), "key": key}
+        # the buffer keeps the true s' and terminal: TD bootstraps through a time limit (step 101) and allies' deaths
+        transitions = {"obs": rs["obs"], "world_state": rs["world_state"], "action": action, "reward": out["reward"]}
+        transitions |= {k: out[k] for k in ("next_obs", "next_world_state", "terminal", "alive", "next_alive")}
+        ep_return, done = rs["ep_return"] + out["reward"], out["done"]  # the team reward
+        ep_sum, ep_count = ep_sum + jnp.sum(ep_return * done), ep_count + jnp.sum(done)
+        ep_wins += jnp.sum(out["won"] & done)
+        rs |= {"buffer": buffer_add(rs["buffer"], transitions, iteration), "env_state": out["state"], "obs": out["obs"]}
+        rs |= {"world_state": out["world_state"], "ep_return": ep_return * (1 - done), "key": key}
 
         def updates(rs):
             keys = jax.random.split(k_upd, args.updates_per_iteration)
             rs, metrics = jax.lax.scan(lambda r, k: update(r, iteration, k), rs, keys)
             return rs, metrics.mean(axis=0), jnp.float32(1.0)
 
-        def no_updates(rs):
-            return rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0)
-
         learn = ((iteration + 1) * E >= args.learning_starts) & (args.updates_per_iteration > 0)
+        no_updates = lambda rs: (rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0))  # noqa: E731
         rs, metrics, updated = jax.lax.cond(learn, updates, no_updates, rs)
-        return (rs, ep_stats), (metrics, updated)
+        return (rs, ep_sum, ep_wins, ep_count), (metrics, updated)
 
-    def train_chunk(rs, chunk):
+    def chunk(rs, chunk):
         iterations = chunk * iters_per_chunk + jnp.arange(iters_per_chunk)
-        # sums over the training episodes that end in this chunk: return, wins, count
-        (rs, (ret_sum, win_sum, count)), (metrics, updated) = jax.lax.scan(
-            iteration_step, (rs, jnp.zeros(3)), iterations
-        )
+        # running sums of the finished training episodes' returns and wins, and their count
+        carry = (rs, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        (rs, ep_sum, ep_wins, ep_count), (metrics, updated) = jax.lax.scan(iteration_step, carry, iterations)
         metrics = jnp.where(updated.sum() > 0, (metrics * updated[:, None]).sum(axis=0) / updated.sum(), jnp.nan)
         metrics = dict(zip(UPDATE_METRICS, metrics, strict=True))
-        train = {"train_return": ret_sum / count, "train_win_rate": win_sum / count}
-        return rs, metrics | jax.tree.map(lambda x: jnp.where(count > 0, x, jnp.nan), train)
+        train = {"train_return": ep_sum, "train_win_rate": ep_wins}
+        return rs, metrics | {k: jnp.where(ep_count > 0, v / ep_count, jnp.nan) for k, v in train.items()}
 
     def evaluate(actor, seed, global_step):
-        """Mean return and win rate of --num-eval-episodes episodes with the stochastic policy (Sec. 5), and for the
-        critic check the mean discounted return sum_t gamma^t reward_scale r_t (what Qbar(s_0, a_0) estimates, less
-        the bootstrapped tail after a time limit) with the first critic states and actions.
-
-        Each env plays one episode (at most 101 steps); what follows its end is masked. The key depends only on
-        (seed, global_step), so --eval-only on a saved model reproduces the numbers.
-        """
+        """Mean return and win rate of --num-eval-episodes episodes, stochastic policy (Sec. 5); for the critic
+        check the mean discounted return sum_t gamma^t reward_scale r_t and the first critic states and actions.
+        Each env plays one episode, what follows its end is masked. The key depends only on (seed, global_step),
+        so --eval-only on a saved model reproduces the numbers."""
         key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
         obs, state0, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
 
         def step(carry, key):
             obs, env_state, running, ret, won, disc, discount = carry
             k_act, k_env = jax.random.split(key)
-            keys = jax.random.split(k_env, args.num_eval_episodes)
             action = act(actor, obs, k_act)
-            out = jax.vmap(env.step)(keys, env_state, action)
-            ret, won = ret + running * out["reward"], won + running * out["won"]
-            disc += discount * args.reward_scale * running * out["reward"]
-            carry = (out["obs"], out["state"], running * (1.0 - out["done"]), ret, won, disc, discount * args.gamma)
+            out = jax.vmap(env.step)(jax.random.split(k_env, args.num_eval_episodes), env_state, action)
+            r, won = running * out["reward"], won + running * out["won"]
+            disc += discount * args.reward_scale * r
+            carry = (out["obs"], out["state"], running * (1.0 - out["done"]), ret + r, won, disc, discount * args.gamma)
             return carry, action
 
-        carry = (obs, env_state, *jnp.zeros((4, args.num_eval_episodes)).at[0].set(1.0), jnp.float32(1.0))
+        zeros = jnp.zeros(args.num_eval_episodes)
+        carry = (obs, env_state, jnp.ones(args.num_eval_episodes), zeros, zeros, zeros, jnp.float32(1.0))
         (*_, ret, won, disc, _), actions = jax.lax.scan(step, carry, jax.random.split(key, env.episode_length))
         return ret.mean(), won.mean(), disc.mean(), state0, actions[0]
 
@@ -635,27 +520,54 @@ def make_train(args: Args, env: SMAXArrays):
         return q.mean()
 
     def probe(actor, seed):
-        """--probe-every: PROBE_SAMPLES actions of every agent at the probe state, (N, PROBE_SAMPLES, A). The probe
-        state is the reset drawn with split(PRNGKey(seed))[0]: the same at every probe and in the ablation script."""
+        """PROBE_SAMPLES actions of every agent, (N, PROBE_SAMPLES, A), at the reset drawn with split(PRNGKey(seed))[0]:
+        the same state at every probe and in the ablation script."""
         k_reset, k_act = jax.random.split(jax.random.PRNGKey(seed))
         obs = jnp.broadcast_to(env.reset(k_reset)[0], (PROBE_SAMPLES, N, D))
         return jnp.swapaxes(act(actor, obs, k_act), 0, 1)
 
-    return init, train_chunk, evaluate, critic_value, probe, iters_per_chunk * E, num_iterations // iters_per_chunk
+    steps_per_chunk, num_chunks = iters_per_chunk * E, num_iterations // iters_per_chunk
+    return SimpleNamespace(init=init, chunk=chunk, evaluate=evaluate, critic_value=critic_value, probe=probe,
+                           steps_per_chunk=steps_per_chunk, num_chunks=num_chunks)  # fmt: skip
 
 
 # TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
-def divergence(metrics: dict, learner: dict) -> str | None:
-    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
+# --- plumbing: begin ---
+# Identical text in every ddpl_*.py (tests/test_core_identity.py): command line, checkpoints, run folder, the loop over
+# chunks with its divergence guard, figures. A script may leave a part unused (the ablation saves no model).
+def parse_args(**kwargs) -> "Args":
+    """tyro.cli(Args), with tyro's boxed multi-line errors condensed to one line on stderr (exit 2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args, **kwargs)
+    except SystemExit as e:
+        if e.code:
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
+            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise
 
-    A chunk without updates (warm-up) logs NaN losses by design, so the parameters decide: a non-finite loss or Q
-    reaches them at the next Adam step. Infinite losses or Q count at once."""
-    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
-    groups = [
-        k for k, v in learner.items() if not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(v)))
-    ]
-    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
-    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
+
+def load_checkpoint(args: "Args", fields: tuple[str, ...]) -> tuple["Args", dict]:
+    """--eval-only: args with the checkpoint's `fields` and seed count, and the checkpoint; ValueError if unusable."""
+    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
+        raise ValueError("--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together")
+    if not args.checkpoint:
+        return args, {}
+    try:
+        with open(args.checkpoint, "rb") as f:
+            ckpt = flax.serialization.msgpack_restore(f.read())
+        config, num_seeds = json.loads(ckpt["config"]), len(jax.tree.leaves(ckpt["actor"])[0])
+        return replace(args, **{k: config[k] for k in fields}, num_seeds=num_seeds), ckpt
+    except Exception as e:
+        raise ValueError(f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax of this script ({e!r})") from e
+
+
+def save_checkpoint(path: str, actor, global_step: int, args: "Args"):
+    ckpt = {"actor": actor, "global_step": global_step, "config": json.dumps(asdict(args))}
+    with open(path, "wb") as f:
+        f.write(flax.serialization.to_bytes(ckpt))  # msgpack, no pickle
 
 
 def stats(values) -> dict:
@@ -663,29 +575,147 @@ def stats(values) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
 
 
-def plot_curve(rows: list[dict], path: str, title: str):
+def divergence(metrics: dict, learner: dict) -> str | None:
+    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
+    A warm-up chunk logs NaN losses by design, so the parameters decide; infinite losses or Q count at once."""
+    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
+    finite = lambda tree: all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))  # noqa: E731
+    groups = [k for k, v in learner.items() if not finite(v)]
+    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
+    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
+
+
+def seed_placement():
+    """(lanes, whole): the seed axis split over the local devices (1-D mesh "seed"), and a replicated placement."""
+    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
+    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
+
+
+class Stop(Exception):
+    """Ends a run without summary.json: diverged (exit 1)."""
+
+
+class RunFolder:
+    """runs/<run_name>/: config.json at once, metrics.csv (and W&B, a run per seed) row by row, summary.json last: its
+    presence marks a complete run. log()'s `labels` are extra columns (e.g. the policy class) that name W&B runs."""
+
+    def __init__(self, args: "Args", env_id: str, columns: tuple[str, ...]):
+        self.args, self.start, self.rows, self.wandb = args, time.time(), [], {}
+        self.name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(self.start)}"
+        self.dir = os.path.join(args.runs_dir, self.name)
+        os.makedirs(self.dir, exist_ok=True)
+        with open(self.path("config.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.file = open(self.path("metrics.csv"), "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=("global_step", "seed", *columns, "sps", "wall_time"))
+        self.writer.writeheader()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def log(self, global_step: int, seeds: list[int], metrics: dict, sps: float, wall_time: float, **labels):
+        for i, seed in enumerate(seeds):
+            row = dict.fromkeys(self.writer.fieldnames, "") | {"global_step": global_step, "seed": seed, **labels}
+            row |= {k: float(v[i]) for k, v in metrics.items() if k in row} | {"sps": round(sps, 1)}
+            self.writer.writerow(row | {"wall_time": round(wall_time, 2)})
+            self.rows.append(row)
+            if self.args.track:
+                self.wandb_run(seed, labels).log(
+                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
+                )
+        self.file.flush()
+
+    def wandb_run(self, seed: int, labels: dict):
+        """One W&B run per seed (and label), grouped by run name: seeds are never averaged silently."""
+        if (key := (*labels.values(), seed)) not in self.wandb:
+            import wandb
+
+            name, config = "__".join(map(str, (self.name, *key))), asdict(self.args) | labels | {"lane_seed": seed}
+            self.wandb[key] = wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity,
+                                         name=name, group=self.name, config=config, reinit="create_new")  # fmt: skip
+        return self.wandb[key]
+
+    def stop(self, e: BaseException) -> int:
+        print(f"error: {e}" if isinstance(e, Stop) else "interrupted", end="", file=sys.stderr)
+        print(f"; {self.dir} is incomplete (no summary.json)", file=sys.stderr)
+        return 1 if isinstance(e, Stop) else 130
+
+    def finish(self, summary: dict, panels: dict, title: str) -> int:
+        """Draws the learning curve (plot_curve's panels), then writes summary.json."""
+        self.file.close()
+        plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
+        summary = {"script": os.path.basename(__file__), **summary, "wall_time_s": round(time.time() - self.start, 2)}
+        with open(self.path("summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        for run in self.wandb.values():
+            run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+            run.finish()
+        for name, value in summary.items():  # final eval return, and final win rate where there is one
+            if name.startswith("final_") and "mean" in value:
+                print(f"{name.replace('_', ' ')} {value['mean']:.3f} +- {value['std']:.3f}")
+        print(f"wrote {self.dir}")
+        return 0
+
+
+def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_fn, probe_fn=None, **labels) -> dict:
+    """chunk_fn(chunk, bar) -> (metrics of per-seed arrays, learner) trains `steps` env steps per seed, then evaluates.
+    Logs every chunk, stops on divergence, draws probe_fn() (--probe-every) at step 0 and every --probe-every steps.
+    Returns the last and the best metrics (highest mean eval return: Table 1's statistic), sps, step and probes."""
+    from tqdm import tqdm
+
+    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {"steps": [], "actions": []}
+
+    def take_probe(global_step: int):
+        if probe_fn is not None and global_step % run.args.probe_every == 0:
+            probes["steps"].append(global_step)
+            probes["actions"].append(np.asarray(probe_fn()))
+
+    take_probe(0)
+    desc = ", ".join([*map(str, labels.values()), f"{len(seeds)} seed(s)"])
+    with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
+        for chunk in range(chunks):
+            metrics, learner = chunk_fn(chunk, bar)
+            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+            global_step, elapsed = (chunk + 1) * steps, time.time() - start
+            run.log(global_step, seeds, metrics, global_step / elapsed, elapsed, **labels)
+            if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
+                raise Stop(f"diverged at env step {global_step}: {reason}")
+            best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
+            take_probe(global_step)
+            bar.update(global_step - bar.n)
+            bar.set_postfix(
+                {
+                    n: f"{metrics[k].mean():.2f}"
+                    for n, k in (("eval", "episodic_return"), ("win", "win_rate"))
+                    if k in metrics
+                }
+            )
+    probes = {"steps": probes["steps"], "actions": np.stack(probes["actions"])} if probes["steps"] else None
+    return {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step} | {
+        "probes": probes
+    }
+
+
+def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
+    """panels: {y label: {line label: (column, {column: value} the rows must match)}}; mean and std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = sorted({r["global_step"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, names, ylabel in (
-        (axes[0], ("episodic_return", "train_return"), "return (max 2.0)"),
-        (axes[1], ("win_rate", "train_win_rate"), "win rate"),
-    ):
-        for name, color, label in zip(
-            names, ("tab:blue", "tab:gray"), ("eval (stochastic policy)", "training"), strict=True
-        ):
-            by_step = [[r[name] for r in rows if r["global_step"] == s] for s in steps]  # "" where nothing was logged
-            values = np.array([[np.nan if v == "" else float(v) for v in vs] for vs in by_step])
-            if np.all(np.isnan(values)):
-                continue
-            mean, std = values.mean(axis=1), values.std(axis=1)  # NaN (no data) leaves a gap
-            ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
-            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
-        ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel}, mean and std of {values.shape[1]} seeds")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], panels.items(), strict=True):
+        for (label, (column, where)), color in zip(lines.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
+            rows_in = [r for r in rows if all(r[k] == v for k, v in where.items())]
+            steps = sorted({r["global_step"] for r in rows_in})
+            values = [
+                [np.nan if r[column] == "" else r[column] for r in rows_in if r["global_step"] == s] for s in steps
+            ]
+            if steps and not np.all(np.isnan(values)):  # NaN (nothing logged) leaves a gap
+                mean, std = np.mean(values, axis=1), np.std(values, axis=1)
+                ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -694,23 +724,23 @@ def plot_curve(rows: list[dict], path: str, title: str):
 
 
 def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
-    """Fig. 4 right analogue: per class and probe step, agents 0 and 1's actions (dims `dims`) at the probe state."""
+    """Fig. 4 right analogue: per entry of `probes` and probe step, agents 0 and 1's actions (dims `dims`), seed 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(probes)
-    steps = probes[labels[0]]["steps"]
-    fig, axes = plt.subplots(len(labels), len(steps), figsize=(2.6 * len(steps), 2.6 * len(labels)), squeeze=False)
-    for row, label in enumerate(labels):
+    steps = next(iter(probes.values()))["steps"]
+    fig, axes = plt.subplots(len(probes), len(steps), figsize=(2.6 * len(steps), 2.6 * len(probes)), squeeze=False)
+    for row, (label, probe) in enumerate(probes.items()):
         for col, step in enumerate(steps):
-            ax = axes[row][col]
             for agent, color in ((0, "tab:blue"), (1, "tab:red")):
-                a = probes[label]["actions"][col, 0, min(agent, probes[label]["actions"].shape[2] - 1)]  # seed lane 0
-                ax.scatter(a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}")
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
-            ax.set_title(f"{label}, {step:,} steps", fontsize=8)
+                a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)]
+                axes[row][col].scatter(
+                    a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}"
+                )
+            axes[row][col].set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
+            axes[row][col].set_title(f"{label}, {step:,} steps", fontsize=8)
     axes[0][0].legend(fontsize=7, markerscale=4)
     fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
     fig.tight_layout()
@@ -718,167 +748,104 @@ def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
     plt.close(fig)
 
 
-def seed_placement():
-    """(lanes, whole): the seed axis split over all local devices (a 1-D mesh "seed"), and a replicated placement.
+# --- plumbing: end ---
 
-    Every jitted call takes and returns seed-major arrays placed by `lanes`, so each device trains its own block of
-    seeds and the host only gathers metrics. On one device both are that device and nothing changes.
-    """
-    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
-    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
+
+def validate(args: Args) -> str | None:
+    """A one-line description of the first invalid flag tyro cannot check, or None. Runs before anything is written."""
+    if not 0 <= args.issm_batch_size <= args.batch_size:
+        return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
+    if not 0 <= args.target_ess < 1:
+        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
+    if args.num_action_samples < 2:
+        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
+    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
+    minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+    if not args.num_envs <= args.eval_every <= args.total_timesteps:
+        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
+        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
+    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
+    if args.probe_every < 0 or args.probe_every % chunk:
+        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
+    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
+    if args.learning_rate_end <= 0:
+        return "--learning-rate-end must be > 0"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track needs the wandb package (pip install wandb), which is not installed"
+    if args.num_seeds % (n := jax.local_device_count()):  # the seed axis is split evenly over the local devices
+        return (f"--num-seeds {args.num_seeds} is not a multiple of the {n} local {jax.default_backend()} devices "
+                f"the seeds are split over; use a multiple of {n}")  # fmt: skip
+    return None
 
 
 def main(args: Args) -> int:
-    if error := validate(args):
-        print(f"error: {error}", file=sys.stderr)
+    try:
+        args, ckpt = load_checkpoint(args, POLICY_FIELDS)  # --eval-only: map and architecture from the checkpoint
+        if error := validate(args):
+            raise ValueError(error)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    if args.eval_only:  # the policy's architecture and map come from the checkpoint
-        args = replace(args, **{k: ckpt["config"][k] for k in POLICY_FIELDS})
-        args = replace(args, num_seeds=int(jax.tree.leaves(ckpt["actor"])[0].shape[0]))
-    if args.num_seeds % jax.local_device_count():  # the seed axis is split evenly over the local devices
-        n, backend = jax.local_device_count(), jax.default_backend()
-        print(f"error: --num-seeds {args.num_seeds} is not a multiple of the {n} local {backend} devices the seeds are "
-              f"split over; use a multiple of {n}", file=sys.stderr)  # fmt: skip
-        return 2
-    env_id = f"SMAX_{args.map}"
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    script_start = time.time()
-
-    env = SMAXArrays(args.map)
-    init, train_chunk, evaluate, critic_value, probe, steps_per_chunk, num_chunks = make_train(args, env)
+    env_id, env = f"SMAX_{args.map}", SMAXArrays(args.map)
+    run = RunFolder(args, env_id, METRICS)
+    train = make_train(args, env)
     lanes, whole = seed_placement()
     seeds = jax.device_put(jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed, lanes)
     print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seeds.addressable_shards})
     # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
-    rs_shape = jax.eval_shape(jax.vmap(init), seeds)
-    evaluate = jax.vmap(evaluate, in_axes=(0, 0, None))
-    evaluate = jax.jit(evaluate, in_shardings=(lanes, lanes, whole), out_shardings=lanes)
+    rs_shape = jax.eval_shape(jax.vmap(train.init), seeds)
+    evaluate = jax.jit(jax.vmap(train.evaluate, (0, 0, None)), in_shardings=(lanes, lanes, whole), out_shardings=lanes)
     evaluate = evaluate.lower(rs_shape["learner"]["actor"], seeds, jnp.int32(0)).compile()
-    wandb_runs = []
-    if args.track:  # one W&B run per seed, grouped by run name: seeds are never averaged silently
-        import wandb
-
-        for s in seeds.tolist():
-            config, name = {**asdict(args), "lane_seed": s}, f"{run_name}__seed{s}"
-            wandb_runs.append(wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name,
-                                         group=run_name, config=config, reinit="create_new"))  # fmt: skip
-    rows = []
-    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    writer = csv.DictWriter(metrics_file, fieldnames=("global_step", "seed", *METRICS, "sps", "wall_time"))
-    writer.writeheader()
-
-    def log(global_step: int, metrics: dict, sps: float, wall_time: float):
-        for i, s in enumerate(seeds.tolist()):
-            row = {"global_step": global_step, "seed": s, **{k: float(metrics[k][i]) for k in metrics}}
-            row = {**{k: "" for k in METRICS}, **row, "sps": round(sps, 1), "wall_time": round(wall_time, 2)}
-            writer.writerow(row)
-            rows.append(row)
-            if wandb_runs:
-                wandb_runs[i].log({k: v for k, v in row.items() if v != ""}, step=global_step)
-        metrics_file.flush()
-
     if args.eval_only:
-        global_step = int(ckpt["global_step"])
-        out = evaluate(jax.device_put(ckpt["actor"], lanes), seeds, jnp.int32(global_step))
-        returns, wins, disc = map(np.asarray, out[:3])
-        log(
-            global_step,
-            {"episodic_return": returns, "win_rate": wins, "disc_return": disc},
-            0.0,
-            time.time() - script_start,
-        )
-        final, final_win, best = returns, wins, returns
-        sps, total_timesteps = 0.0, global_step
-        print(f"eval-only {args.checkpoint} at global_step {global_step}: return per seed {returns.tolist()}, "
+        step = ckpt["global_step"]
+        returns, wins, disc, *_ = jax.device_get(evaluate(jax.device_put(ckpt["actor"], lanes), seeds, jnp.int32(step)))
+        metrics = {"episodic_return": returns, "win_rate": wins, "disc_return": disc}
+        run.log(step, seeds.tolist(), metrics, 0.0, time.time() - run.start)
+        result = {"last": metrics, "best": metrics, "sps": 0.0, "global_step": step, "probes": None}
+        print(f"eval-only {args.checkpoint} at global_step {step}: episodic_return per seed {returns.tolist()}, "
               f"win rate per seed {wins.tolist()}")  # fmt: skip
     else:
-        from tqdm import tqdm
-
         buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rs_shape["buffer"])) / 1e9
         print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim}, critic state {env.state_dim}; "
-              f"replay buffer {buffer_gb:.2f} GB for {args.num_seeds} seed(s); compiling...", flush=True)  # fmt: skip
-        rs = jax.jit(jax.vmap(init), out_shardings=lanes)(seeds)
-        train_chunk = jax.vmap(train_chunk, in_axes=(0, None))
-        train_chunk = jax.jit(train_chunk, in_shardings=(lanes, whole), out_shardings=lanes, donate_argnums=0)
-        train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()  # compile once, outside the timed loop
-        devices = {d for leaf in jax.tree.leaves(rs) for d in leaf.devices()}  # where the training state lives
-        print(f"compiled in {time.time() - script_start:.0f} s; runner state on {len(devices)} device(s); "
-              f"{num_chunks} chunks x {steps_per_chunk} steps/seed")  # fmt: skip
-        start, final, best, best_mean = time.time(), None, None, -np.inf
-        probe, probes, probe_steps = jax.jit(jax.vmap(probe)), [], []
-        critic_value = jax.jit(jax.vmap(critic_value))
-        if args.probe_every:  # before the first update, then every --probe-every env steps
-            probes, probe_steps = [np.asarray(probe(rs["learner"]["actor"], seeds))], [0]
-        bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
-        for chunk in range(num_chunks):
-            global_step = (chunk + 1) * steps_per_chunk
-            try:
-                rs, metrics = train_chunk(rs, jnp.int32(chunk))
-                returns, wins, disc, state, action = evaluate(rs["learner"]["actor"], seeds, jnp.int32(global_step))
-                q_first = critic_value(rs["learner"]["critic"], state, action)
-                metrics |= {"episodic_return": returns, "win_rate": wins, "q_first": q_first, "disc_return": disc}
-                metrics = jax.device_get(metrics)
-            except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
-                bar.close()
-                print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
-                return 130
-            elapsed = time.time() - start
-            sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
-            log(global_step, metrics, sps, elapsed)
-            if reason := divergence(metrics, rs["learner"]):  # metrics.csv keeps this chunk; no summary.json
-                bar.close()
-                print(f"error: diverged at env step {global_step}: {reason}; {run_dir} is incomplete", file=sys.stderr)
-                return 1
-            final, final_win = metrics["episodic_return"], metrics["win_rate"]
-            if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
-                best, best_mean = final, final.mean()
-            if args.probe_every and global_step % args.probe_every == 0:
-                probes.append(np.asarray(probe(rs["learner"]["actor"], seeds)))
-                probe_steps.append(global_step)
-            bar.update(steps_per_chunk)
-            bar.set_postfix(eval=f"{final.mean():.2f}", win=f"{final_win.mean():.2f}")
-        bar.close()
-        if probes:  # (probe, seed, agent, sample, action dim)
-            probes = {"diffusion": {"steps": probe_steps, "actions": np.stack(probes)}}
-            np.savez(os.path.join(run_dir, "probes.npz"), steps=probe_steps, actions=probes["diffusion"]["actions"])
-            dims = (1, 3)  # P(move) and angle / 2pi
-            plot_probes(probes, dims, os.path.join(run_dir, "probe.png"), env_id)
-        total_timesteps = global_step  # --total-timesteps rounded down to whole chunks
+              f"replay buffer {buffer_gb:.2f} GB for {args.num_seeds} seed(s)", flush=True)  # fmt: skip
+        rs = jax.jit(jax.vmap(train.init), out_shardings=lanes)(seeds)
+        chunk_fn = jax.jit(jax.vmap(train.chunk, (0, None)), in_shardings=(lanes, whole), out_shardings=lanes,
+                           donate_argnums=0).lower(rs, jnp.int32(0)).compile()  # fmt: skip
+        critic_value, probe = jax.jit(jax.vmap(train.critic_value)), jax.jit(jax.vmap(train.probe))
+        print(f"compiled in {time.time() - run.start:.0f} s; {train.num_chunks} chunks x {train.steps_per_chunk} steps")
+
+        def train_and_evaluate(chunk, bar):
+            nonlocal rs
+            rs, metrics = chunk_fn(rs, jnp.int32(chunk))
+            step = jnp.int32((chunk + 1) * train.steps_per_chunk)
+            returns, wins, disc, state, action = evaluate(rs["learner"]["actor"], seeds, step)
+            q_first = critic_value(rs["learner"]["critic"], state, action)
+            metrics |= {"episodic_return": returns, "win_rate": wins, "q_first": q_first, "disc_return": disc}
+            return metrics, rs["learner"]
+
+        try:
+            probe_fn = (lambda: probe(rs["learner"]["actor"], seeds)) if args.probe_every else None
+            result = train_loop(
+                run, seeds.tolist(), train.num_chunks, train.steps_per_chunk, train_and_evaluate, probe_fn
+            )
+        except (Stop, KeyboardInterrupt) as e:
+            return run.stop(e)
+        if result["probes"]:  # (probe, seed, agent, sample, action dim); dims 1 and 3: move-vs-shoot and angle / 2pi
+            np.savez(run.path("probes.npz"), **result["probes"])
+            plot_probes({"diffusion": result["probes"]}, (1, 3), run.path("probe.png"), env_id)
         if args.save_model:
-            ckpt = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
-            with open(os.path.join(run_dir, "model.flax"), "wb") as f:
-                f.write(flax.serialization.to_bytes(ckpt))
-    metrics_file.close()
-    plot_curve(rows, os.path.join(run_dir, "learning_curve.png"), f"DDPL on SMAX {args.map}")
-    summary = {
-        "script": os.path.basename(__file__),
-        "env_id": env_id,
-        "total_timesteps": total_timesteps,
-        "num_seeds": args.num_seeds,
-        "num_devices": jax.local_device_count(),
-        "final_eval_return": stats(final),
-        "best_eval_return": stats(best),
-        "final_win_rate": stats(final_win),
-        "wall_time_s": round(time.time() - script_start, 2),
-        "sps": round(sps, 1),
-        "eval_only": args.eval_only,
-    }
-    # summary.json last: its presence marks a complete run folder
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    for run in wandb_runs:
-        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        run.finish()
-    final_return, win = summary["final_eval_return"], summary["final_win_rate"]
-    print(f"final eval return {final_return['mean']:.3f} +- {final_return['std']:.3f}, "
-          f"win rate {win['mean']:.2f} +- {win['std']:.2f}")  # fmt: skip
-    print(f"wrote {run_dir}")
-    return 0
+            save_checkpoint(run.path("model.flax"), rs["learner"]["actor"], result["global_step"], args)
+    summary = {"env_id": env_id, "total_timesteps": result["global_step"], "num_seeds": args.num_seeds}
+    summary |= {"num_devices": jax.local_device_count(), "final_eval_return": stats(result["last"]["episodic_return"])}
+    summary |= {"best_eval_return": stats(result["best"]["episodic_return"]), "sps": result["sps"]}
+    summary |= {"final_win_rate": stats(result["last"]["win_rate"])}
+    panels = {"return (max 2.0)": {"eval": ("episodic_return", {}), "training episodes": ("train_return", {})}}
+    panels |= {"win rate": {"eval": ("win_rate", {}), "training episodes": ("train_win_rate", {})}}
+    return run.finish(summary | {"eval_only": args.eval_only}, panels, f"DDPL on SMAX {args.map}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -111,11 +112,12 @@ def test_eval_only_reproduces_final_eval(runs, tmp_path):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--map", "3s_vs_6z"], "--map: unknown SMAX map '3s_vs_6z'; valid maps: 10m_vs_11m, 25m"),
-        (["--map", "3s_vs_6z"], "3s_vs_5z"),
+        (["--map", "3s_vs_6z"], "invalid choice '3s_vs_6z' for argument '--map'. Expected one of ('10m_vs_11m', '25m'"),
+        (["--map", "3s_vs_6z"], "'3s_vs_5z'"),
         (["--num-action-samples", "1"], "--num-action-samples must be >= 2"),
         (["--eval-only"], "--eval-only and --checkpoint"),
-        (["--noise-schedule", "quadratic"], "choose from linear, cosine, vp"),
+        (["--checkpoint", "model.flax"], "--eval-only and --checkpoint"),
+        (["--noise-schedule", "quadratic"], "Expected one of ('linear', 'cosine', 'vp')"),
         (["--eval-every", "10", "--num-envs", "20"], "need --num-envs <= --eval-every"),
         (["--mapp", "3s_vs_5z"], "--mapp"),
     ],
@@ -132,6 +134,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, flags, expected):
 def test_valid_maps_include_the_paper_maps():
     maps = ddpl_smax.valid_maps()
     assert {"3s_vs_5z", "6h_vs_8z"} <= set(maps) and maps == sorted(maps)
+    assert typing.get_args(typing.get_type_hints(ddpl_smax.Args)["map"]) == tuple(maps)  # --map's choices
 
 
 # ---------------------------------------------------------------------------------------------------------------------
