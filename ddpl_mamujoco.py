@@ -2,10 +2,9 @@
 
 Every agent (a group of joints) acts with its own DDPM policy; twin averaged-Q critics Qbar_i(s, a_i) on the env's
 state and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by
-importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. MuJoCo runs on the CPU in numpy, so
-the env loop is Python (every seed's envs are stepped in this process), while action selection, the replay buffer
-and the updates are jitted, with seeds and agents vmapped.
-Flags, metrics, choices and measured numbers: docs/ddpl_mamujoco.md.
+importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. MuJoCo steps in numpy, so the env
+loop is Python (every seed's envs in this process); acting, the replay buffer and the updates are jitted, with seeds
+and agents vmapped. Details: docs/ddpl_mamujoco.md.
 """
 
 import contextlib
@@ -17,6 +16,8 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
+from typing import Literal
 
 import flax.linen as nn
 import flax.serialization
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 try:  # importing gymnasium_robotics prints an Adroit notice on stderr: keep bad-input errors to one line
     with contextlib.redirect_stderr(io.StringIO()):
@@ -34,8 +36,6 @@ try:  # importing gymnasium_robotics prints an Adroit notice on stderr: keep bad
 except Exception as e:  # without mujoco, gymnasium raises DependencyNotInstalled, which is not an ImportError
     MAMUJOCO_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
-NOISE_SCHEDULES = ("linear", "cosine", "vp")
-WEIGHT_RULES = ("state", "batch", "raw")  # --weight-rule: the scale of Qbar in the ISSM softmax
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
 METRICS = ("episodic_return", "episode_length", "train_return", "q_first", "disc_return", *UPDATE_METRICS, "env_share")
 PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
@@ -44,15 +44,13 @@ POLICY_FIELDS = (
     "task", "local_obs", "symlog_obs", "max_episode_steps", "hidden_size", "num_diffusion_steps", "noise_schedule",
 )  # fmt: skip
 PAPER_TASKS = ("Ant-2x4", "Ant-4x2", "Ant-8x1", "HumanoidStandup-17x1")
-# partitions built into gymnasium-robotics 1.4.2 (obsk.get_parts_and_edges); CoupledHalfCheetah-1p1 is left out
-# because the library fails to build it (IndexError in its observation builder)
+# gymnasium-robotics 1.4.2's partitions (obsk.get_parts_and_edges) but CoupledHalfCheetah-1p1, which it fails to build
 LIBRARY_PARTITIONS = {
     "Ant": ("2x4", "2x4d", "4x2"), "HalfCheetah": ("2x3", "6x1"), "Hopper": ("3x1",), "Humanoid": ("9|8",),
     "HumanoidStandup": ("9|8",), "Pusher": ("3p",), "Reacher": ("2x1",), "Swimmer": ("2x1",), "Walker2d": ("2x3",),
 }  # fmt: skip
-# One joint per agent, which the library lacks: HARL's partitions (harl/envs/mamujoco/multiagent_mujoco/obsk.py, the
-# paper's baselines), built with agent_factorization= from the library's own nodes and edges (those of the partition
-# named first). Agent i controls the i-th joint of the list.
+# One joint per agent (the library has none): HARL's joint order, built from the nodes of the partition named first;
+# agent i controls joint i (docs/ddpl_mamujoco.md, "One joint per agent")
 ONE_JOINT_PER_AGENT = {
     "Ant-8x1": ("4x2", ("hip1", "ankle1", "hip2", "ankle2", "hip3", "ankle3", "hip4", "ankle4")),
     **{
@@ -64,8 +62,7 @@ ONE_JOINT_PER_AGENT = {
         for scenario in ("Humanoid", "HumanoidStandup")
     },
 }  # fmt: skip
-# rewards are multiplied by this in the TD target unless --reward-scale is given (docs/ddpl_mamujoco.md)
-DEFAULT_REWARD_SCALE = {"HumanoidStandup": 0.01}
+DEFAULT_REWARD_SCALE = {"HumanoidStandup": 0.01}  # --reward-scale unless given (docs/ddpl_mamujoco.md)
 
 
 @dataclass
@@ -125,8 +122,8 @@ class Args:
     """width of the 3 mish layers of score networks and critics (Table 3)"""
     num_diffusion_steps: int = 20
     """K: denoising steps of every policy (Table 3)"""
-    noise_schedule: str = "cosine"
-    """linear, cosine or vp (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
+    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
+    """ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide"""
     eta: float = 1.0
     """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
     num_action_samples: int = 4
@@ -134,7 +131,7 @@ class Args:
     issm_batch_size: int = 0
     """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
     0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
-    weight_rule: str = "state"
+    weight_rule: Literal["state", "batch", "raw"] = "state"
     """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
     batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
     target_ess: float = 0.0
@@ -142,27 +139,14 @@ class Args:
     reward_scale: float | None = None
     """multiplies rewards in the TD target (ours); None: 0.01 on HumanoidStandup (333 x torso height + 1), else 1"""
     eval_every: int = 20_000
-    """environment steps between evaluations"""
+    """environment steps between evaluations (one chunk of training each)"""
     num_eval_episodes: int = 10
     """episodes per seed and evaluation, stochastic policy (ours: 10; the paper's 50 costs 5x on a CPU)"""
     probe_every: int = 0
     """env steps between probes of the action distribution at a fixed state (0: off); a multiple of --eval-every"""
 
 
-def parse_args() -> Args:
-    """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args)
-    except SystemExit as e:
-        if e.code:
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
-            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise
-
-
+# ALGO LOGIC: environment glue. num_envs MuJoCo envs in numpy; per-agent observations are gathered on the device.
 def split_task(task: str) -> tuple[str, str]:
     scenario, _, partition = task.partition("-")
     return scenario, partition
@@ -170,10 +154,8 @@ def split_task(task: str) -> tuple[str, str]:
 
 def known_partition(task: str) -> bool:
     """A task the library's graph code knows: a built-in partition, ManySegment*-<agents>x<segments>, or ours."""
-    if task in ONE_JOINT_PER_AGENT:
-        return True
     try:
-        return len(get_parts_and_edges(*split_task(task))[0]) > 0
+        return task in ONE_JOINT_PER_AGENT or len(get_parts_and_edges(*split_task(task))[0]) > 0
     except Exception:
         return False
 
@@ -184,69 +166,6 @@ def valid_tasks() -> list[str]:
     return sorted(built_in + list(ONE_JOINT_PER_AGENT)) + many
 
 
-def load_checkpoint(path: str) -> dict:
-    """{"actor": params with leading (seed, agent) axes, "global_step", "config"} from a --save-model file."""
-    with open(path, "rb") as f:
-        ckpt = flax.serialization.msgpack_restore(f.read())
-    ckpt["config"] = json.loads(ckpt["config"])
-    missing = [k for k in POLICY_FIELDS if k not in ckpt["config"]] + [
-        k for k in ("actor", "global_step") if k not in ckpt
-    ]
-    if missing:
-        raise ValueError(f"missing {missing}")
-    return ckpt
-
-
-def validate(args: Args) -> str | None:
-    """Return a one-line description of the first invalid flag, or None. Runs before anything is written."""
-    if MAMUJOCO_IMPORT_ERROR:
-        return f"MaMuJoCo unavailable (pip install gymnasium-robotics==1.4.2 mujoco==4.0.0): {MAMUJOCO_IMPORT_ERROR}"
-    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
-        return "--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together"
-    if args.checkpoint:
-        try:
-            load_checkpoint(args.checkpoint)
-        except Exception as e:
-            return f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax ({type(e).__name__}: {e})"
-    if not known_partition(args.task):
-        return f"--task: unknown {args.task!r}; valid tasks: {', '.join(valid_tasks())}"
-    if args.max_episode_steps < 1:
-        return f"--max-episode-steps must be >= 1, got {args.max_episode_steps}"
-    try:  # the library builds the env, and with --local-obs the index gather must equal its observations
-        MaMuJoCo(args.task, 1, args.local_obs, max_episode_steps=args.max_episode_steps)
-    except Exception as e:
-        return f"--task {args.task}{' --local-obs' if args.local_obs else ''}: {type(e).__name__}: {e}"
-    if args.noise_schedule not in NOISE_SCHEDULES:
-        return f"--noise-schedule: unknown {args.noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}"
-    if not 0 <= args.issm_batch_size <= args.batch_size:
-        return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
-    if args.weight_rule not in WEIGHT_RULES:
-        return f"--weight-rule: unknown {args.weight_rule!r}; choose from {', '.join(WEIGHT_RULES)}"
-    if not 0 <= args.target_ess < 1:
-        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
-    if args.num_action_samples < 2:
-        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
-    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
-    minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
-    for name, low in minimum.items():
-        if getattr(args, name) < low:
-            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
-    if not args.num_envs <= args.eval_every <= args.total_timesteps:
-        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
-        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
-    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
-    if args.probe_every < 0 or args.probe_every % chunk:
-        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
-    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
-        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
-    if args.learning_rate_end <= 0 or (args.reward_scale is not None and args.reward_scale <= 0):
-        return "--learning-rate-end and --reward-scale must be > 0"
-    if args.track and importlib.util.find_spec("wandb") is None:
-        return "--track needs the wandb package (pip install wandb), which is not installed"
-    return None
-
-
-# ALGO LOGIC: environment glue. num_envs MuJoCo envs in numpy; per-agent observations are gathered on the device.
 def make_library_env(task: str, **env_kwargs):
     """mamujoco_v1.parallel_env for a task; one-joint-per-agent tasks get HARL's partition as agent_factorization."""
     scenario, partition = split_task(task)
@@ -267,12 +186,9 @@ def env_seed(*entropy: int) -> int:
 class MaMuJoCo:
     """num_envs copies of one MaMuJoCo task in this process: states (E, S), learner actions in [-1, 1]^(E, N, A).
 
-    The library's ParallelEnv.step steps the underlying gymnasium task (`single_agent_env`: Ant-v5 etc. inside
-    gymnasium's TimeLimit) and then rebuilds every agent's observation in Python (obsk.build_obs), which costs
-    35-40% of the step. We step `single_agent_env` with the same global action, keep its observation (which is the
-    library's `state()`, the critics' input) and get the agents' observations from it by one index gather
-    (`observe`), on the device, inside the jitted functions. tests/test_mamujoco.py checks both against the library.
-    Agents with fewer action or observation dims are zero-padded to the largest; padded actions are dropped.
+    We step the library's underlying gymnasium task (`single_agent_env`), whose observation is the library's state(),
+    and gather every agent's observation from it on the device (`observe`) instead of calling the library's slow
+    observation builder (docs/ddpl_mamujoco.md, "Fast step"). Agents' action and observation dims are zero-padded.
     """
 
     def __init__(self, task: str, num_envs: int, local_obs: bool, **env_kwargs):  # env_kwargs go to gymnasium.make
@@ -310,19 +226,16 @@ class MaMuJoCo:
         return extended[..., self.obs_index]
 
     def check_local_obs(self, steps: int = 10):
-        """The gather must reproduce the library's builder exactly (compared over a few random steps); where the
-        builder transforms values instead of copying them (Reacher, Pusher, Walker2d, ManySegmentAnt), --local-obs is
-        refused."""
+        """Refuses --local-obs where the gather differs from the library's builder over a few random steps (Reacher,
+        Pusher, Walker2d, ManySegmentAnt: the builder transforms values there instead of copying them)."""
         lib, rng = self.envs[0], np.random.default_rng(0)
         lib.single_agent_env.reset(seed=0)
         for _ in range(steps):
             action = rng.uniform(-1.0, 1.0, (self.num_agents, self.act_dim))
             state = lib.single_agent_env.step(self.to_env_action(action))[0]
-            library_obs = lib._get_obs()
-            gathered = np.asarray(self.observe(state))
+            library_obs, gathered = lib._get_obs(), np.asarray(self.observe(state))
             for i, a in enumerate(self.agents):
-                d = len(library_obs[a])
-                if not np.array_equal(gathered[i, :d], library_obs[a].astype(np.float32)):
+                if not np.array_equal(gathered[i, : len(library_obs[a])], library_obs[a].astype(np.float32)):
                     raise ValueError("the library's observation builder transforms values here; drop --local-obs")
 
     def to_env_action(self, action: np.ndarray) -> np.ndarray:
@@ -353,8 +266,7 @@ class MaMuJoCo:
 
 
 def buffer_init(size: int, N: int, S: int, A: int) -> dict:
-    """Fixed-size replay arrays for N agents, an S-dim state and A-dim actions (observations are gathered from the
-    states when sampled)."""
+    """Fixed-size replay arrays for N agents, an S-dim state and A-dim actions (observations: gathered when sampled)."""
     shapes = {"state": (S,), "action": (N, A), "reward": (), "terminal": (), "next_state": (S,)}
     return {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
 
@@ -381,19 +293,12 @@ def make_noise_schedule(name: str, num_steps: int) -> dict:
         betas = 1.0 - jnp.exp(-0.1 / K - 0.5 * (10.0 - 0.1) * (2 * t - 1) / K**2)
     else:
         raise ValueError(f"unknown noise schedule {name!r}; choose from linear, cosine, vp")
-    alphas = 1.0 - betas
-    abar = jnp.cumprod(alphas)
+    alphas, abar = 1.0 - betas, jnp.cumprod(1.0 - betas)
     abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
-    return {
-        "betas": betas,
-        "abar": abar,
-        # posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7)
-        "c1": jnp.sqrt(abar_prev) * betas / (1.0 - abar),
-        "c2": jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar),
-        # sigma_k^2 = b_k (ours): with K = 20 the posterior variance makes broad policies too narrow
-        # (tests/test_core.py::test_sampler_fidelity; ALGORITHM.md sec. 3 "Measured")
-        "sigma": jnp.sqrt(betas),
-    }
+    # c1, c2: posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7). sigma_k^2 = b_k (ours): with
+    # K = 20 the posterior variance makes broad policies too narrow (ALGORITHM.md sec. 3 "Measured")
+    c1, c2 = jnp.sqrt(abar_prev) * betas / (1.0 - abar), jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar)
+    return {"betas": betas, "abar": abar, "c1": c1, "c2": c2, "sigma": jnp.sqrt(betas)}
 
 
 def mish(x):
@@ -410,11 +315,8 @@ def step_embedding(k):
 
 
 class ScoreNet(nn.Module):
-    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o].
-
-    __call__ defines the network (and its parameters). The sampler evaluates the same function in two parts:
-    condition(o), the observation's share of the first layer, once per chain, then denoise(x_k, k, c) at every step.
-    """
+    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o]. The sampler evaluates
+    __call__ in two parts: condition(o) once per chain, then denoise(x_k, k, condition(o)) at every step."""
 
     action_dim: int
     hidden: int = 256
@@ -444,11 +346,8 @@ class ScoreNet(nn.Module):
 
 
 def sample_actions(apply_fn, params, obs, key, sched, action_dim):
-    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1).
-
-    obs has shape (..., obs_dim); returns actions of shape (..., action_dim). Key use: split(key, K + 1),
-    keys[0] draws x_K and keys[1 + K - k] the noise of step k = K..1 (tests replay this with a Python loop).
-    """
+    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1). obs (..., obs_dim)
+    -> actions (..., action_dim). keys = split(key, K + 1): keys[0] draws x_K, keys[1 + K - k] the noise of step k."""
     K = sched["betas"].shape[0]
     keys = jax.random.split(key, K + 1)
     x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
@@ -456,8 +355,7 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
 
     def step(x, inp):
         k, step_key = inp  # k runs K..1
-        i = k - 1
-        eps = apply_fn(params, x, k, cond, method="denoise")
+        i, eps = k - 1, apply_fn(params, x, k, cond, method="denoise")
         # x0 prediction clipped to the action box (as in DACER), then the DDPM posterior mean
         x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
         noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
@@ -468,10 +366,8 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
 
 
 def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
-    """Denoising score matching (eq. 1) on x0 of shape (B, M, d) with obs (B, obs_dim).
-
-    weights (B, M), if given, replace the plain mean over the M samples of each state (ISSM, eq. 2).
-    """
+    """Denoising score matching (eq. 1) on x0 (B, M, d) with obs (B, obs_dim). weights (B, M), if given, replace the
+    plain mean over the M samples of each state (ISSM, eq. 2)."""
     B, M, d = x0.shape
     K = sched["betas"].shape[0]
     k_key, eps_key = jax.random.split(key)
@@ -487,12 +383,9 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
 
 
 def issm_weights(q, eta, q_scale=None):
-    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state.
-
-    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None divides
-    each state's Qbar by its own std over the M samples (the sharpness is then fixed, whatever the Q differences);
-    a number divides every state by the same scale (ours: --weight-rule, ALGORITHM.md sec. 4).
-    """
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state: with
+    pi^t as proposal, pi^{t+1} / pi^t = exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None: each state's own std over its
+    M samples; a number: one scale for every state (ours: --weight-rule, ALGORITHM.md sec. 4)."""
     if q_scale is None:
         q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
     else:
@@ -507,12 +400,9 @@ def weight_ess(weights):
 
 def issm_temperature(temp, q, rule, eta, target_ess, mask=None, rate=0.01):
     """ISSM weights (B, M) at this update's temperature -> (weights, new temp, mean ESS fraction, eta_t). Ours.
-
-    rule "state": each state's Qbar standardised over its M samples; "batch": Qbar over one scale for all states,
-    a running mean (rate per update) of the batch's mean within-state std, so states whose samples barely differ
-    get near-uniform weights; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent,
-    as SAC tunes its alpha: log_eta rises while the weights' mean ESS fraction exceeds the target, falls below it.
-    mask (B,) in {0, 1} leaves rows out of both averages (dead SMAX allies). temp: {"log_eta", "q_scale"}, zeros.
+    rule "state": each state's Qbar over its own std; "batch": over a running mean (rate per update) of the batch's
+    mean within-state std; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent on the
+    mean ESS fraction, as SAC tunes alpha. mask (B,) drops rows from both means (dead SMAX allies). temp starts at 0.
     """
     mask = jnp.ones(q.shape[0]) if mask is None else mask
     mean = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)  # noqa: E731
@@ -551,17 +441,18 @@ def symlog(x):
 
 
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once (Python), then U updates of every agent (jitted).
-def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
-    """Returns init(seed), act(actor, key, state, iteration), learn(runner state, transitions, iteration),
-    policy(actor, state, key) and critic_value(critic, state, action). All are per seed; main() jits and vmaps them
-    over seeds and runs the env loop."""
+def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
+    """Per-seed functions (EnvLoop and main jit and vmap them over seeds): init(seed) -> runner state,
+    act(actor, key, state, iteration), learn(runner state, transitions, iteration), policy(actor, state, key) and
+    critic_value(critic, state, action); and the chunks of --eval-every env steps that --total-timesteps holds."""
     N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
     E, B, M = args.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
-    num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
+    iters_per_chunk = args.eval_every // E
+    num_chunks = args.total_timesteps // (iters_per_chunk * E)
+    num_updates = max(1, args.updates_per_iteration * (num_chunks * iters_per_chunk - args.learning_starts // E))
     sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
-    score_net = ScoreNet(action_dim=A, hidden=args.hidden_size)
-    critic_net = TwinCritic(hidden=args.hidden_size)
+    score_net, critic_net = ScoreNet(action_dim=A, hidden=args.hidden_size), TwinCritic(hidden=args.hidden_size)
     # Table 3: Adam, learning rate linear 1e-4 -> 5e-5 over training, for actors and critics alike
     tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))
     squash = symlog if args.symlog_obs else (lambda x: x)
@@ -599,11 +490,8 @@ def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
         return key, action
 
     def update_agent(p, mine, shared, key):
-        """One critic step and one ISSM step of one agent (vmapped over agents).
-
-        p: the agent's parameters and optimiser states; mine: its own o_i, a_i, o_i' (B rows each); shared: the
-        (squashed) states s and s', the team reward and terminal.
-        """
+        """One critic step and one ISSM step of one agent (vmapped over agents). p: its parameters and optimiser
+        states; mine: its own o_i, a_i, o_i' (B rows each); shared: the squashed s, s', the team reward and terminal."""
         k_next, k_prop, k_dsm = jax.random.split(key, 3)
         # Averaged-Q critic (Alg. 2, line 5): state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
         next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
@@ -618,9 +506,8 @@ def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
         (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(p["critic"])
         updates, critic_opt = tx.update(grads, p["critic_opt"])
         critic = optax.apply_updates(p["critic"], updates)
-        # ISSM (eq. 2) on the first B_p states of the batch (a uniform subset: rows are drawn i.i.d.): M proposals
-        # per state from pi^t (no gradient flows through the sampler), self-normalised weights softmax_j(eta * Qbar)
-        # with Qbar = min of the twin ONLINE critics, just updated above
+        # ISSM (eq. 2) on the first B_p states (rows are i.i.d.): M proposals per state from pi^t, no gradient
+        # through the sampler, weights softmax_j(eta * Qbar) with Qbar = min of the twin online critics just updated
         obs, state = mine["obs"][:Bp], shared["state"][:Bp]
         proposals = sample_actions(
             score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
@@ -656,15 +543,12 @@ def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
         rs = rs | {"buffer": buffer_add(rs["buffer"], transitions, iteration), "key": key}
 
         def updates(rs):
-            rs, metrics = jax.lax.scan(
-                lambda r, k: update(r, iteration, k), rs, jax.random.split(k_upd, args.updates_per_iteration)
-            )
+            keys = jax.random.split(k_upd, args.updates_per_iteration)
+            rs, metrics = jax.lax.scan(lambda r, k: update(r, iteration, k), rs, keys)
             return rs, metrics.mean(axis=0), jnp.float32(1.0)
 
-        def no_updates(rs):
-            return rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0)
-
         do_learn = ((iteration + 1) * E >= args.learning_starts) & (args.updates_per_iteration > 0)
+        no_updates = lambda rs: (rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0))  # noqa: E731
         return jax.lax.cond(do_learn, updates, no_updates, rs)
 
     def critic_value(critic, state, action):
@@ -674,17 +558,17 @@ def make_train(args: Args, env: MaMuJoCo, num_iterations: int):
         )
         return q.mean()
 
-    return init, act, learn, policy, critic_value
+    functions = {"init": init, "act": act, "learn": learn, "policy": policy, "critic_value": critic_value}
+    chunking = {"iters_per_chunk": iters_per_chunk, "steps_per_chunk": iters_per_chunk * E, "num_chunks": num_chunks}
+    return SimpleNamespace(**functions, **chunking)
 
 
+# ALGO LOGIC: the Python env loop. Every seed's envs step in this process between the jitted, seed-vmapped calls.
 def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_step: int, args: Args):
     """Mean return and length of one episode per eval env (--num-eval-episodes per seed), stochastic policy (Sec. 5);
-    for the critic check, the mean discounted return sum_t gamma^t reward_scale r_t (what Qbar(s_0, a_0) estimates,
-    less the negligible tail after the time limit) and the first states and actions.
-
+    for the critic check, the mean discounted return sum_t gamma^t reward_scale r_t and the first states and actions.
     Env seeds and action keys depend only on (seed, global_step), so --eval-only on a saved model reproduces the
-    numbers. A finished env is no longer stepped; the policy still acts on its last state (ignored).
-    """
+    numbers. A finished env is no longer stepped; the policy still acts on its last state (ignored)."""
     n = len(envs[0].envs)
     state = [env.reset([env_seed(s, 1, global_step, i) for i in range(n)]) for env, s in zip(envs, seeds, strict=True)]
     state = np.stack(state).astype(np.float32)
@@ -705,18 +589,125 @@ def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_ste
     return ret.mean(axis=1), length.mean(axis=1), disc.mean(axis=1), first_state, first_action
 
 
-# TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
-def divergence(metrics: dict, learner: dict) -> str | None:
-    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
+class EnvLoop:
+    """Training: every seed's --num-envs MuJoCo envs with the jitted, seed-vmapped act and learn (donated runner state:
+    the replay buffer is updated in place). chunk(chunk, bar) is train_loop's chunk_fn; probe() its probe_fn."""
 
-    A chunk without updates (warm-up) logs NaN losses by design, so the parameters decide: a non-finite loss or Q
-    reaches them at the next Adam step. Infinite losses or Q count at once."""
-    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
-    groups = [
-        k for k, v in learner.items() if not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(v)))
-    ]
-    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
-    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
+    def __init__(self, args: Args, train: SimpleNamespace, seeds: list[int], eval_envs: list[MaMuJoCo], eval_act):
+        self.args, self.train, self.seeds, self.eval_envs, self.eval_act = args, train, seeds, eval_envs, eval_act
+        E, env, start = args.num_envs, eval_envs[0], time.time()
+        self.rs = jax.jit(jax.vmap(train.init))(jnp.asarray(seeds, jnp.int32))
+        gb, obs = sum(x.nbytes for x in jax.tree.leaves(self.rs["buffer"])) / 1e9, "local" if args.local_obs else "full"
+        print(f"MaMuJoCo_{args.task}: {env.num_agents} agents, obs {env.obs_dim} ({obs}), state {env.state_dim}, "
+              f"actions {env.act_dim}, reward scale {args.reward_scale}; replay buffer {gb:.2f} GB for {len(seeds)} "
+              "seed(s); compiling...", flush=True)  # fmt: skip
+        self.envs = [MaMuJoCo(args.task, E, args.local_obs, max_episode_steps=args.max_episode_steps) for _ in seeds]
+        state = [e.reset([env_seed(s, 0, i) for i in range(E)]) for e, s in zip(self.envs, seeds, strict=True)]
+        self.state = np.stack(state).astype(np.float32)  # (seed, env, S): what the policies see
+        self.act = jax.jit(jax.vmap(train.act, in_axes=(0, 0, 0, None)))
+        self.act = self.act.lower(self.rs["learner"]["actor"], self.rs["key"], self.state, np.int32(0)).compile()
+        example = {"state": self.state, "reward": self.state[..., 0], "terminal": self.state[..., 0]}
+        example |= {"action": np.zeros((len(seeds), E, env.num_agents, env.act_dim), np.float32)}
+        self.learn = jax.jit(jax.vmap(train.learn, in_axes=(0, 0, None)), donate_argnums=0)
+        self.learn = self.learn.lower(self.rs, example | {"next_state": self.state}, np.int32(0)).compile()
+        self.critic_value = jax.jit(jax.vmap(train.critic_value))
+        print(f"compiled in {time.time() - start:.0f} s; {train.num_chunks} chunks x {train.steps_per_chunk} steps")
+        if args.probe_every:  # PROBE_SAMPLES actions per agent at a fixed start state (reset with seed [seed, 2])
+            envs = [e.envs[0].single_agent_env for e in eval_envs]
+            reset = np.stack([env.reset(seed=env_seed(s, 2))[0] for env, s in zip(envs, seeds, strict=True)])
+            self.probe_state = np.repeat(reset[:, None], PROBE_SAMPLES, axis=1).astype(np.float32)
+            self.probe_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+            self.probe_fn = jax.jit(jax.vmap(lambda actor, s, k: jnp.swapaxes(train.policy(actor, s, k), 0, 1)))
+        self.ep_return = np.zeros((len(seeds), E))
+        self.times = dict.fromkeys(("train", "env", "eval"), 0.0)  # seconds: training (MuJoCo included), evaluation
+
+    def probe(self):  # (seed, agent, sample, action dim)
+        return self.probe_fn(self.rs["learner"]["actor"], self.probe_state, self.probe_keys)
+
+    def chunk(self, chunk: int, bar) -> tuple[dict, dict]:
+        """--eval-every env steps per seed of training, then the evaluation -> (metrics per seed, learner)."""
+        E, n, num_seeds = self.args.num_envs, self.train.iters_per_chunk, len(self.seeds)
+        start, env_time, updates, ep_stats = time.time(), 0.0, [], np.zeros((2, num_seeds))
+        for iteration in range(chunk * n, (chunk + 1) * n):
+            key, action = self.act(self.rs["learner"]["actor"], self.rs["key"], self.state, np.int32(iteration))
+            action = np.asarray(action)  # (seed, env, N, A), in [-1, 1]
+            env_start = time.time()
+            out = [e.step(a) for e, a in zip(self.envs, action, strict=True)]
+            out = {k: np.stack([o[k] for o in out]) for k in out[0]}
+            env_time += time.time() - env_start
+            transitions = {k: out[k] for k in ("reward", "terminal", "next_state")} | {
+                "state": self.state,
+                "action": action,
+            }
+            self.ep_return += out["reward"]
+            ep_stats += [(self.ep_return * out["done"]).sum(axis=1), out["done"].sum(axis=1)]
+            self.ep_return *= 1.0 - out["done"]
+            self.state = out["state"]
+            self.rs, metrics, updated = self.learn(self.rs | {"key": key}, transitions, np.int32(iteration))
+            updates.append((metrics, updated))
+            bar.update(E)
+        jax.block_until_ready(self.rs["learner"])  # the last update, dispatched asynchronously, counts as training
+        train_time = time.time() - start
+        learner, global_step = self.rs["learner"], (chunk + 1) * n * E
+        returns, lengths, disc, state, action = evaluate(
+            self.eval_envs, self.eval_act, learner["actor"], self.seeds, global_step, self.args
+        )
+        q_first = np.asarray(self.critic_value(learner["critic"], state, action))
+        self.times["train"], self.times["env"] = self.times["train"] + train_time, self.times["env"] + env_time
+        self.times["eval"] += time.time() - start - train_time
+        metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
+        count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
+        mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
+        train_return = np.where(ep_stats[1] > 0, ep_stats[0] / np.maximum(ep_stats[1], 1), np.nan)
+        metrics = dict(zip(UPDATE_METRICS, mean.T, strict=True)) | {"train_return": train_return, "q_first": q_first}
+        metrics |= {"episodic_return": returns, "episode_length": lengths, "disc_return": disc}
+        return metrics | {"env_share": np.full(num_seeds, env_time / train_time)}, learner
+
+    def timing(self, total_timesteps: int) -> dict:
+        """Where the time went, for summary.json: env steps/s of training alone and the MuJoCo share of it."""
+        t, sps = self.times, round(total_timesteps / self.times["train"], 1)
+        print(f"training {t['train']:.0f} s ({sps} env steps/s per seed, MuJoCo steps "
+              f"{t['env'] / t['train']:.1%} of it), evaluation {t['eval']:.0f} s")  # fmt: skip
+        return {f"{k}_time_s": round(v, 2) for k, v in t.items()} | {"train_sps": sps}
+
+
+# TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
+# --- plumbing: begin ---
+# Identical text in every ddpl_*.py (tests/test_core_identity.py): command line, checkpoints, run folder, the loop over
+# chunks with its divergence guard, figures. A script may leave a part unused (the ablation saves no model).
+def parse_args(**kwargs) -> "Args":
+    """tyro.cli(Args), with tyro's boxed multi-line errors condensed to one line on stderr (exit 2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args, **kwargs)
+    except SystemExit as e:
+        if e.code:
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
+            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise
+
+
+def load_checkpoint(args: "Args", fields: tuple[str, ...]) -> tuple["Args", dict]:
+    """--eval-only: args with the checkpoint's `fields` and seed count, and the checkpoint; ValueError if unusable."""
+    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
+        raise ValueError("--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together")
+    if not args.checkpoint:
+        return args, {}
+    try:
+        with open(args.checkpoint, "rb") as f:
+            ckpt = flax.serialization.msgpack_restore(f.read())
+        config, num_seeds = json.loads(ckpt["config"]), len(jax.tree.leaves(ckpt["actor"])[0])
+        return replace(args, **{k: config[k] for k in fields}, num_seeds=num_seeds), ckpt
+    except Exception as e:
+        raise ValueError(f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax of this script ({e!r})") from e
+
+
+def save_checkpoint(path: str, actor, global_step: int, args: "Args"):
+    ckpt = {"actor": actor, "global_step": global_step, "config": json.dumps(asdict(args))}
+    with open(path, "wb") as f:
+        f.write(flax.serialization.to_bytes(ckpt))  # msgpack, no pickle
 
 
 def stats(values) -> dict:
@@ -724,49 +715,172 @@ def stats(values) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
 
 
-def plot_curve(rows: list[dict], path: str, title: str):
+def divergence(metrics: dict, learner: dict) -> str | None:
+    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
+    A warm-up chunk logs NaN losses by design, so the parameters decide; infinite losses or Q count at once."""
+    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
+    finite = lambda tree: all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))  # noqa: E731
+    groups = [k for k, v in learner.items() if not finite(v)]
+    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
+    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
+
+
+def seed_placement():
+    """(lanes, whole): the seed axis split over the local devices (1-D mesh "seed"), and a replicated placement."""
+    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
+    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
+
+
+class Stop(Exception):
+    """Ends a run without summary.json: diverged (exit 1)."""
+
+
+class RunFolder:
+    """runs/<run_name>/: config.json at once, metrics.csv (and W&B, a run per seed) row by row, summary.json last: its
+    presence marks a complete run. log()'s `labels` are extra columns (e.g. the policy class) that name W&B runs."""
+
+    def __init__(self, args: "Args", env_id: str, columns: tuple[str, ...]):
+        self.args, self.start, self.rows, self.wandb = args, time.time(), [], {}
+        self.name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(self.start)}"
+        self.dir = os.path.join(args.runs_dir, self.name)
+        os.makedirs(self.dir, exist_ok=True)
+        with open(self.path("config.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.file = open(self.path("metrics.csv"), "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=("global_step", "seed", *columns, "sps", "wall_time"))
+        self.writer.writeheader()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def log(self, global_step: int, seeds: list[int], metrics: dict, sps: float, wall_time: float, **labels):
+        for i, seed in enumerate(seeds):
+            row = dict.fromkeys(self.writer.fieldnames, "") | {"global_step": global_step, "seed": seed, **labels}
+            row |= {k: float(v[i]) for k, v in metrics.items() if k in row} | {"sps": round(sps, 1)}
+            self.writer.writerow(row | {"wall_time": round(wall_time, 2)})
+            self.rows.append(row)
+            if self.args.track:
+                self.wandb_run(seed, labels).log(
+                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
+                )
+        self.file.flush()
+
+    def wandb_run(self, seed: int, labels: dict):
+        """One W&B run per seed (and label), grouped by run name: seeds are never averaged silently."""
+        if (key := (*labels.values(), seed)) not in self.wandb:
+            import wandb
+
+            name, config = "__".join(map(str, (self.name, *key))), asdict(self.args) | labels | {"lane_seed": seed}
+            self.wandb[key] = wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity,
+                                         name=name, group=self.name, config=config, reinit="create_new")  # fmt: skip
+        return self.wandb[key]
+
+    def stop(self, e: BaseException) -> int:
+        print(f"error: {e}" if isinstance(e, Stop) else "interrupted", end="", file=sys.stderr)
+        print(f"; {self.dir} is incomplete (no summary.json)", file=sys.stderr)
+        return 1 if isinstance(e, Stop) else 130
+
+    def finish(self, summary: dict, panels: dict, title: str) -> int:
+        """Draws the learning curve (plot_curve's panels), then writes summary.json."""
+        self.file.close()
+        plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
+        summary = {"script": os.path.basename(__file__), **summary, "wall_time_s": round(time.time() - self.start, 2)}
+        with open(self.path("summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        for run in self.wandb.values():
+            run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+            run.finish()
+        for name, value in summary.items():  # final eval return, and final win rate where there is one
+            if name.startswith("final_") and "mean" in value:
+                print(f"{name.replace('_', ' ')} {value['mean']:.3f} +- {value['std']:.3f}")
+        print(f"wrote {self.dir}")
+        return 0
+
+
+def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_fn, probe_fn=None, **labels) -> dict:
+    """chunk_fn(chunk, bar) -> (metrics of per-seed arrays, learner) trains `steps` env steps per seed, then evaluates.
+    Logs every chunk, stops on divergence, draws probe_fn() (--probe-every) at step 0 and every --probe-every steps.
+    Returns the last and the best metrics (highest mean eval return: Table 1's statistic), sps, step and probes."""
+    from tqdm import tqdm
+
+    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {"steps": [], "actions": []}
+
+    def take_probe(global_step: int):
+        if probe_fn is not None and global_step % run.args.probe_every == 0:
+            probes["steps"].append(global_step)
+            probes["actions"].append(np.asarray(probe_fn()))
+
+    take_probe(0)
+    desc = ", ".join([*map(str, labels.values()), f"{len(seeds)} seed(s)"])
+    with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
+        for chunk in range(chunks):
+            metrics, learner = chunk_fn(chunk, bar)
+            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+            global_step, elapsed = (chunk + 1) * steps, time.time() - start
+            run.log(global_step, seeds, metrics, global_step / elapsed, elapsed, **labels)
+            if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
+                raise Stop(f"diverged at env step {global_step}: {reason}")
+            best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
+            take_probe(global_step)
+            bar.update(global_step - bar.n)
+            bar.set_postfix(
+                {
+                    n: f"{metrics[k].mean():.2f}"
+                    for n, k in (("eval", "episodic_return"), ("win", "win_rate"))
+                    if k in metrics
+                }
+            )
+    probes = {"steps": probes["steps"], "actions": np.stack(probes["actions"])} if probes["steps"] else None
+    return {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step} | {
+        "probes": probes
+    }
+
+
+def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
+    """panels: {y label: {line label: (column, {column: value} the rows must match)}}; mean and std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = sorted({r["global_step"] for r in rows})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, color in (("episodic_return", "tab:blue"), ("train_return", "tab:gray")):
-        by_step = [[r[name] for r in rows if r["global_step"] == s] for s in steps]  # "" where nothing was logged
-        values = np.array([[np.nan if v == "" else float(v) for v in vs] for vs in by_step])
-        if np.all(np.isnan(values)):
-            continue
-        mean, std = values.mean(axis=1), values.std(axis=1)  # NaN (no data) leaves a gap
-        label = "eval (stochastic policy)" if name == "episodic_return" else "training episodes"
-        ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
-        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
-    ax.set(xlabel="environment steps per seed", ylabel=f"episode return (mean, std of {values.shape[1]} seeds)")
-    ax.set_title(title)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], panels.items(), strict=True):
+        for (label, (column, where)), color in zip(lines.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
+            rows_in = [r for r in rows if all(r[k] == v for k, v in where.items())]
+            steps = sorted({r["global_step"] for r in rows_in})
+            values = [
+                [np.nan if r[column] == "" else r[column] for r in rows_in if r["global_step"] == s] for s in steps
+            ]
+            if steps and not np.all(np.isnan(values)):  # NaN (nothing logged) leaves a gap
+                mean, std = np.mean(values, axis=1), np.std(values, axis=1)
+                ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
-    """Fig. 4 right analogue: per class and probe step, agents 0 and 1's actions (dims `dims`) at the probe state."""
+    """Fig. 4 right analogue: per entry of `probes` and probe step, agents 0 and 1's actions (dims `dims`), seed 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(probes)
-    steps = probes[labels[0]]["steps"]
-    fig, axes = plt.subplots(len(labels), len(steps), figsize=(2.6 * len(steps), 2.6 * len(labels)), squeeze=False)
-    for row, label in enumerate(labels):
+    steps = next(iter(probes.values()))["steps"]
+    fig, axes = plt.subplots(len(probes), len(steps), figsize=(2.6 * len(steps), 2.6 * len(probes)), squeeze=False)
+    for row, (label, probe) in enumerate(probes.items()):
         for col, step in enumerate(steps):
-            ax = axes[row][col]
             for agent, color in ((0, "tab:blue"), (1, "tab:red")):
-                a = probes[label]["actions"][col, 0, min(agent, probes[label]["actions"].shape[2] - 1)]  # seed lane 0
-                ax.scatter(a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}")
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
-            ax.set_title(f"{label}, {step:,} steps", fontsize=8)
+                a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)]
+                axes[row][col].scatter(
+                    a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}"
+                )
+            axes[row][col].set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
+            axes[row][col].set_title(f"{label}, {step:,} steps", fontsize=8)
     axes[0][0].legend(fontsize=7, markerscale=4)
     fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
     fig.tight_layout()
@@ -774,201 +888,94 @@ def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
     plt.close(fig)
 
 
+# --- plumbing: end ---
+
+
+def validate(args: Args) -> str | None:
+    """A one-line description of the first invalid flag tyro cannot check, or None. Runs before anything is written."""
+    if MAMUJOCO_IMPORT_ERROR:
+        return f"MaMuJoCo unavailable (pip install gymnasium-robotics==1.4.2 mujoco==4.0.0): {MAMUJOCO_IMPORT_ERROR}"
+    if not known_partition(args.task):
+        return f"--task: unknown {args.task!r}; valid tasks: {', '.join(valid_tasks())}"
+    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
+    minimum |= {"num_eval_episodes": 1, "max_episode_steps": 1, "updates_per_iteration": 0, "learning_starts": 0}
+    for name, low in (minimum | {"buffer_size": args.num_envs}).items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+    try:  # the library builds the env, and with --local-obs the index gather must equal its observations
+        MaMuJoCo(args.task, 1, args.local_obs, max_episode_steps=args.max_episode_steps)
+    except Exception as e:
+        return f"--task {args.task}{' --local-obs' if args.local_obs else ''}: {type(e).__name__}: {e}"
+    if not 0 <= args.issm_batch_size <= args.batch_size:
+        return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
+    if not 0 <= args.target_ess < 1:
+        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
+    if args.num_action_samples < 2:
+        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
+    if not args.num_envs <= args.eval_every <= args.total_timesteps:
+        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
+        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
+    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
+    if args.probe_every < 0 or args.probe_every % chunk:
+        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
+    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
+    if args.learning_rate_end <= 0 or (args.reward_scale is not None and args.reward_scale <= 0):
+        return "--learning-rate-end and --reward-scale must be > 0"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track needs the wandb package (pip install wandb), which is not installed"
+    return None
+
+
 def main(args: Args) -> int:
-    if error := validate(args):
-        print(f"error: {error}", file=sys.stderr)
+    try:
+        args, ckpt = load_checkpoint(args, POLICY_FIELDS)  # --eval-only: task, observations, architecture from it
+        if error := validate(args):
+            raise ValueError(error)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    if args.eval_only:  # the task, time limit, observations and the policy's architecture come from the checkpoint
-        args = replace(args, **{k: ckpt["config"][k] for k in POLICY_FIELDS})
-        args = replace(args, num_seeds=int(jax.tree.leaves(ckpt["actor"])[0].shape[0]))
-    if args.reward_scale is None:
+    if args.reward_scale is None:  # the task's default, resolved before config.json records it
         args = replace(args, reward_scale=DEFAULT_REWARD_SCALE.get(split_task(args.task)[0], 1.0))
-    env_id = f"MaMuJoCo_{args.task}"
-    run_name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    script_start = time.time()
-
-    seeds = list(range(args.seed, args.seed + args.num_seeds))
-    E, K = args.num_envs, args.max_episode_steps
-
-    def make_envs(n: int) -> list[MaMuJoCo]:  # one set of n envs per seed
-        return [MaMuJoCo(args.task, n, args.local_obs, max_episode_steps=K) for _ in seeds]
-
-    eval_envs = make_envs(args.num_eval_episodes)
-    env = eval_envs[0]
-    iters_per_chunk = args.eval_every // E
-    num_chunks = args.total_timesteps // (iters_per_chunk * E)
-    steps_per_chunk = iters_per_chunk * E
-    init, act, learn, policy, critic_value = make_train(args, env, num_chunks * iters_per_chunk)
-    seeds_arr = jnp.asarray(seeds, jnp.int32)
-    rs_shape = jax.eval_shape(jax.vmap(init), seeds_arr)
+    env_id, seeds = f"MaMuJoCo_{args.task}", list(range(args.seed, args.seed + args.num_seeds))
+    run = RunFolder(args, env_id, METRICS)
+    eval_envs = [
+        MaMuJoCo(args.task, args.num_eval_episodes, args.local_obs, max_episode_steps=args.max_episode_steps)
+        for _ in seeds
+    ]
+    train = make_train(args, eval_envs[0])
     # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
-    eval_state = jax.ShapeDtypeStruct((args.num_seeds, args.num_eval_episodes, env.state_dim), jnp.float32)
-    eval_act = jax.jit(jax.vmap(lambda actor, state, key, t: policy(actor, state, jax.random.fold_in(key, t)),
-                                in_axes=(0, 0, 0, None)))  # fmt: skip
-    eval_keys = jax.ShapeDtypeStruct((args.num_seeds, 2), jnp.uint32)
-    eval_act = eval_act.lower(rs_shape["learner"]["actor"], eval_state, eval_keys, np.int32(0)).compile()
-    wandb_runs = []
-    if args.track:  # one W&B run per seed, grouped by run name: seeds are never averaged silently
-        import wandb
-
-        for s in seeds:
-            config, name = {**asdict(args), "lane_seed": s}, f"{run_name}__seed{s}"
-            wandb_runs.append(wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name,
-                                         group=run_name, config=config, reinit="create_new"))  # fmt: skip
-    rows = []
-    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    writer = csv.DictWriter(metrics_file, fieldnames=("global_step", "seed", *METRICS, "sps", "wall_time"))
-    writer.writeheader()
-
-    def log(global_step: int, metrics: dict, sps: float, wall_time: float):
-        for i, s in enumerate(seeds):
-            row = {"global_step": global_step, "seed": s, **{k: float(metrics[k][i]) for k in metrics}}
-            row = {**{k: "" for k in METRICS}, **row, "sps": round(sps, 1), "wall_time": round(wall_time, 2)}
-            row = {k: "" if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
-            writer.writerow(row)
-            rows.append(row)
-            if wandb_runs:
-                wandb_runs[i].log({k: v for k, v in row.items() if v != ""}, step=global_step)
-        metrics_file.flush()
-
+    actor = jax.eval_shape(jax.vmap(train.init), jnp.asarray(seeds, jnp.int32))["learner"]["actor"]
+    state = jax.ShapeDtypeStruct((args.num_seeds, args.num_eval_episodes, eval_envs[0].state_dim), jnp.float32)
+    eval_act = jax.jit(jax.vmap(lambda p, s, key, t: train.policy(p, s, jax.random.fold_in(key, t)), (0, 0, 0, None)))
+    keys = jax.ShapeDtypeStruct((args.num_seeds, 2), jnp.uint32)
+    eval_act = eval_act.lower(actor, state, keys, np.int32(0)).compile()
     if args.eval_only:
-        global_step = int(ckpt["global_step"])
-        returns, lengths, disc, *_ = evaluate(eval_envs, eval_act, ckpt["actor"], seeds, global_step, args)
+        step = int(ckpt["global_step"])
+        returns, lengths, disc, *_ = evaluate(eval_envs, eval_act, ckpt["actor"], seeds, step, args)
         metrics = {"episodic_return": returns, "episode_length": lengths, "disc_return": disc}
-        log(global_step, metrics, 0.0, time.time() - script_start)
-        final = best = returns
-        sps, total_timesteps = 0.0, global_step
-        print(f"eval-only {args.checkpoint} at global_step {global_step}: episodic_return per seed {returns.tolist()}")
+        run.log(step, seeds, metrics, 0.0, time.time() - run.start)
+        result, timing = {"last": metrics, "best": metrics, "sps": 0.0, "global_step": step, "probes": None}, {}
+        print(f"eval-only {args.checkpoint} at global_step {step}: episodic_return per seed {returns.tolist()}")
     else:
-        from tqdm import tqdm
-
-        buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rs_shape["buffer"])) / 1e9
-        obs_kind = "local" if args.local_obs else "full + one-hot id"
-        print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim} ({obs_kind}), state {env.state_dim}, actions "
-              f"{env.act_dim}, reward scale {args.reward_scale}; replay buffer {buffer_gb:.2f} GB for "
-              f"{args.num_seeds} seed(s); compiling...", flush=True)  # fmt: skip
-        train_envs = make_envs(E)
-        state = [e.reset([env_seed(s, 0, i) for i in range(E)]) for e, s in zip(train_envs, seeds, strict=True)]
-        state = np.stack(state).astype(np.float32)  # (seed, env, S): what the policies see
-        rs = jax.jit(jax.vmap(init))(seeds_arr)
-        act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))
-        act = act.lower(rs["learner"]["actor"], rs["key"], state, np.int32(0)).compile()
-        example = {"state": state, "action": np.zeros((args.num_seeds, E, env.num_agents, env.act_dim), np.float32)}
-        example |= {"reward": state[..., 0], "terminal": state[..., 0], "next_state": state}
-        learn = jax.jit(jax.vmap(learn, in_axes=(0, 0, None)), donate_argnums=0)
-        learn = learn.lower(rs, example, np.int32(0)).compile()  # compile once, outside the timed loop
-        print(f"compiled in {time.time() - script_start:.0f} s; {num_chunks} chunks x {steps_per_chunk} steps/seed")
-        probe_state = np.zeros((args.num_seeds, PROBE_SAMPLES, env.state_dim), np.float32)
-        for i, s in enumerate(seeds):  # --probe-every: PROBE_SAMPLES actions per agent at a fixed start state
-            probe_state[i] = eval_envs[i].envs[0].single_agent_env.reset(seed=env_seed(s, 2))[0]
-        probe_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-        probe = jax.jit(jax.vmap(lambda actor, state, key: jnp.swapaxes(policy(actor, state, key), 0, 1)))
-        critic_value = jax.jit(jax.vmap(critic_value))
-        probes, probe_steps = [], []
-        if args.probe_every:  # before the first update, then every --probe-every env steps
-            probes, probe_steps = [np.asarray(probe(rs["learner"]["actor"], probe_state, probe_keys))], [0]
-        start, final, best, best_mean = time.time(), None, None, -np.inf
-        times = dict.fromkeys(("train", "env", "eval"), 0.0)  # seconds: training (MuJoCo steps included), evaluation
-        ep_return = np.zeros((args.num_seeds, E))
-        bar = tqdm(total=num_chunks * steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
-        for chunk in range(num_chunks):
-            try:
-                chunk_start, env_time, updates, ep_stats = time.time(), 0.0, [], np.zeros((2, args.num_seeds))
-                for iteration in range(chunk * iters_per_chunk, (chunk + 1) * iters_per_chunk):
-                    key, action = act(rs["learner"]["actor"], rs["key"], state, np.int32(iteration))
-                    action = np.asarray(action)  # (seed, env, N, A), in [-1, 1]
-                    env_start = time.time()
-                    out = [e.step(a) for e, a in zip(train_envs, action, strict=True)]
-                    out = {k: np.stack([o[k] for o in out]) for k in out[0]}
-                    env_time += time.time() - env_start
-                    transitions = {"state": state, "action": action, "reward": out["reward"]}
-                    transitions |= {"terminal": out["terminal"], "next_state": out["next_state"]}
-                    ep_return += out["reward"]
-                    ep_stats += [(ep_return * out["done"]).sum(axis=1), out["done"].sum(axis=1)]
-                    ep_return *= 1.0 - out["done"]
-                    state = out["state"]
-                    rs, metrics, updated = learn(rs | {"key": key}, transitions, np.int32(iteration))
-                    updates.append((metrics, updated))
-                    bar.update(E)
-                jax.block_until_ready(rs["learner"])  # the last update, dispatched asynchronously, counts as training
-                train_time = time.time() - chunk_start
-                global_step = (chunk + 1) * steps_per_chunk
-                returns, lengths, disc, first_state, first_action = evaluate(
-                    eval_envs, eval_act, rs["learner"]["actor"], seeds, global_step, args
-                )
-                q_first = np.asarray(critic_value(rs["learner"]["critic"], first_state, first_action))
-            except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
-                bar.close()
-                print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
-                return 130
-            times["train"], times["env"] = times["train"] + train_time, times["env"] + env_time
-            times["eval"] += time.time() - chunk_start - train_time
-            metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
-            count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
-            mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
-            metrics = dict(zip(UPDATE_METRICS, mean.T, strict=True))
-            train_return = np.where(ep_stats[1] > 0, ep_stats[0] / np.maximum(ep_stats[1], 1), np.nan)
-            metrics |= {"episodic_return": returns, "episode_length": lengths, "train_return": train_return}
-            metrics |= {"q_first": q_first, "disc_return": disc}
-            metrics["env_share"] = np.full(args.num_seeds, env_time / train_time)
-            elapsed = time.time() - start
-            sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
-            log(global_step, metrics, sps, elapsed)
-            if reason := divergence(metrics, rs["learner"]):  # metrics.csv keeps this chunk; no summary.json
-                bar.close()
-                print(f"error: diverged at env step {global_step}: {reason}; {run_dir} is incomplete", file=sys.stderr)
-                return 1
-            final = returns
-            if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
-                best, best_mean = final, final.mean()
-            if args.probe_every and global_step % args.probe_every == 0:
-                probes.append(np.asarray(probe(rs["learner"]["actor"], probe_state, probe_keys)))
-                probe_steps.append(global_step)
-            bar.set_postfix(eval=f"{final.mean():.1f}", env=f"{env_time / train_time:.0%}")
-        bar.close()
-        if probes:  # (probe, seed, agent, sample, action dim)
-            probes = {"diffusion": {"steps": probe_steps, "actions": np.stack(probes)}}
-            np.savez(os.path.join(run_dir, "probes.npz"), steps=probe_steps, actions=probes["diffusion"]["actions"])
-            dims = (0, min(1, env.act_dim - 1))  # one-joint agents: dim 0 against itself
-            plot_probes(probes, dims, os.path.join(run_dir, "probe.png"), env_id)
-        total_timesteps = global_step  # --total-timesteps rounded down to whole chunks
+        loop = EnvLoop(args, train, seeds, eval_envs, eval_act)
+        try:
+            probe_fn = loop.probe if args.probe_every else None
+            result = train_loop(run, seeds, train.num_chunks, train.steps_per_chunk, loop.chunk, probe_fn)
+        except (Stop, KeyboardInterrupt) as e:
+            return run.stop(e)
+        if result["probes"]:  # (probe, seed, agent, sample, action dim); one-joint agents: dim 0 against itself
+            np.savez(run.path("probes.npz"), **result["probes"])
+            dims = (0, min(1, eval_envs[0].act_dim - 1))
+            plot_probes({"diffusion": result["probes"]}, dims, run.path("probe.png"), env_id)
         if args.save_model:
-            ckpt = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
-            with open(os.path.join(run_dir, "model.flax"), "wb") as f:
-                f.write(flax.serialization.to_bytes(ckpt))
-    metrics_file.close()
-    plot_curve(rows, os.path.join(run_dir, "learning_curve.png"), f"DDPL on {env_id}")
-    summary = {
-        "script": os.path.basename(__file__),
-        "env_id": env_id,
-        "total_timesteps": total_timesteps,
-        "num_seeds": args.num_seeds,
-        "final_eval_return": stats(final),
-        "best_eval_return": stats(best),
-        "wall_time_s": round(time.time() - script_start, 2),
-        "sps": round(sps, 1),
-        "eval_only": args.eval_only,
-    }
-    if not args.eval_only:  # where the time went: env steps/s of training alone and the MuJoCo share of it
-        summary |= {f"{k}_time_s": round(v, 2) for k, v in times.items()}
-        summary["train_sps"] = round(total_timesteps / times["train"], 1)
-    # summary.json last: its presence marks a complete run folder
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    for run in wandb_runs:
-        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        run.finish()
-    print(f"final eval return {summary['final_eval_return']['mean']:.1f} +- {summary['final_eval_return']['std']:.1f}")
-    if not args.eval_only:
-        print(f"training {times['train']:.0f} s ({summary['train_sps']} env steps/s per seed, MuJoCo steps "
-              f"{times['env'] / times['train']:.1%} of it), evaluation {times['eval']:.0f} s")  # fmt: skip
-    print(f"wrote {run_dir}")
-    return 0
+            save_checkpoint(run.path("model.flax"), loop.rs["learner"]["actor"], result["global_step"], args)
+        timing = loop.timing(result["global_step"])
+    summary = {"env_id": env_id, "total_timesteps": result["global_step"], "num_seeds": args.num_seeds}
+    summary |= {"final_eval_return": stats(result["last"]["episodic_return"]), "sps": result["sps"]}
+    summary |= {"best_eval_return": stats(result["best"]["episodic_return"]), "eval_only": args.eval_only}
+    lines = {"eval (stochastic policy)": ("episodic_return", {}), "training episodes": ("train_return", {})}
+    return run.finish(summary | timing, {"episode return": lines}, f"DDPL on {env_id}")
 
 
 if __name__ == "__main__":
