@@ -6,7 +6,7 @@ own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by 
 (ISSM, eq. 2). Isaac Sim steps thousands of envs on the GPU in torch; the env loop is Python, tensors cross between
 torch and JAX by DLPack (no host copies), and action selection, the replay buffer and the updates are jitted, with
 seeds and agents vmapped. Isaac Sim needs an RTX-class NVIDIA GPU: on other machines the script exits with code 2.
-The training loop `train(args, env)` takes any object with the DirectMARLEnv surface (tests/ use a torch stand-in).
+`main(args, env)` takes any object with the DirectMARLEnv surface (tests/ use a torch stand-in).
 Flags, install steps, metrics and what was verified: docs/ddpl_isaaclab.md.
 """
 
@@ -22,6 +22,8 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
+from typing import Literal
 
 import flax.linen as nn
 import flax.serialization
@@ -30,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-NOISE_SCHEDULES = ("linear", "cosine", "vp")
-WEIGHT_RULES = ("state", "batch", "raw")  # --weight-rule: the scale of Qbar in the ISSM softmax
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
 METRICS = ("episodic_return", "episode_length", "train_return", *UPDATE_METRICS, "env_share")
 POLICY_FIELDS = ("task", "hidden_size", "num_diffusion_steps", "noise_schedule")  # what a checkpoint fixes
@@ -91,8 +92,8 @@ class Args:
     """width of the 3 mish layers of score networks and critics (Table 3)"""
     num_diffusion_steps: int = 20
     """K: denoising steps of every policy (Table 3)"""
-    noise_schedule: str = "cosine"
-    """linear, cosine or vp (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
+    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
+    """ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide"""
     eta: float = 1.0
     """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
     num_action_samples: int = 4
@@ -100,7 +101,7 @@ class Args:
     issm_batch_size: int = 0
     """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
     0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
-    weight_rule: str = "state"
+    weight_rule: Literal["state", "batch", "raw"] = "state"
     """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
     batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
     target_ess: float = 0.0
@@ -111,80 +112,42 @@ class Args:
     """environment steps per seed between evaluations (one episode in every env, then training resumes)"""
 
 
-def parse_args() -> Args:
-    """tyro.cli(Args), with tyro's boxed multi-line parse errors condensed to one line on stderr (exit 2)."""
-    err = io.StringIO()
+# ALGO LOGIC: environment glue. Dicts of torch tensors keyed by agent <-> stacked JAX arrays, on the env's device.
+@contextlib.contextmanager
+def isaac_sim(args: Args):
+    """Isaac Sim headless, then --task with num_seeds x num_envs envs (gym.make); ValueError without IsaacLab."""
+    if missing := [m for m in ("torch", "isaacsim", "isaaclab", "isaaclab_tasks") if not importlib.util.find_spec(m)]:
+        raise ValueError(f"IsaacLab is not installed here (missing: {', '.join(missing)}); {INSTALL_HINT}")
+    from isaaclab.app import AppLauncher  # Isaac Sim must be running before any other isaaclab module is imported
+
+    app = AppLauncher(headless=True, device=args.device).app
     try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args)
-    except SystemExit as e:
-        if e.code:
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
-            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise
+        import gymnasium as gym
+        import isaaclab_tasks  # noqa: F401  (registers the Isaac-* task ids with gymnasium)
+        from isaaclab_tasks.utils import parse_env_cfg
 
-
-def load_checkpoint(path: str) -> dict:
-    """{"actor": params with leading (seed, agent) axes, "global_step", "config"} from a --save-model file."""
-    with open(path, "rb") as f:
-        ckpt = flax.serialization.msgpack_restore(f.read())
-    ckpt["config"] = json.loads(ckpt["config"])
-    missing = [k for k in POLICY_FIELDS if k not in ckpt["config"]] + [
-        k for k in ("actor", "global_step") if k not in ckpt
-    ]
-    if missing:
-        raise ValueError(f"missing {missing}")
-    return ckpt
-
-
-def missing_isaac() -> str | None:
-    """What of the IsaacLab stack this Python lacks (checked without importing it), or None."""
-    missing = [
-        name for name in ("torch", "isaacsim", "isaaclab", "isaaclab_tasks") if not importlib.util.find_spec(name)
-    ]
-    return ", ".join(missing) or None
-
-
-def validate(args: Args) -> str | None:
-    """Return a one-line description of the first invalid flag, or None. Runs before anything is written."""
-    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
-        return "--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together"
-    if args.checkpoint:
+        cfg = parse_env_cfg(args.task, device=args.device, num_envs=args.num_seeds * args.num_envs)
+        cfg.seed = args.seed
+        env = gym.make(args.task, cfg=cfg)
         try:
-            load_checkpoint(args.checkpoint)
-        except Exception as e:
-            return f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax ({type(e).__name__}: {e})"
-    if args.noise_schedule not in NOISE_SCHEDULES:
-        return f"--noise-schedule: unknown {args.noise_schedule!r}; choose from {', '.join(NOISE_SCHEDULES)}"
-    if not 0 <= args.issm_batch_size <= args.batch_size:
-        return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
-    if args.weight_rule not in WEIGHT_RULES:
-        return f"--weight-rule: unknown {args.weight_rule!r}; choose from {', '.join(WEIGHT_RULES)}"
-    if not 0 <= args.target_ess < 1:
-        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
-    if args.num_action_samples < 2:
-        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
-    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
-    minimum |= {"updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
-    for name, low in minimum.items():
-        if getattr(args, name) < low:
-            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
-    if not args.num_envs <= args.eval_every <= args.total_timesteps:
-        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
-        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
-    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
-        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
-    if args.learning_rate_end <= 0 or args.reward_scale <= 0:
-        return "--learning-rate-end and --reward-scale must be > 0"
-    if args.track and importlib.util.find_spec("wandb") is None:
-        return "--track needs the wandb package (pip install wandb), which is not installed"
+            yield env
+        finally:
+            env.close()
+    finally:
+        app.close()
+
+
+def check_devices(env) -> str | None:
+    """JAX must sit on the GPU that the env's tensors live on, else DLPack cannot share them: None when it does."""
+    device = str(getattr(env, "unwrapped", env).device)
+    if device.startswith("cuda") and jax.default_backend() != "gpu":
+        return (f"the env's tensors are on {device} but JAX runs on {jax.default_backend()} (devices {jax.devices()}): "
+                "install JAX's CUDA build (pip install 'jax[cuda12]==0.5.3', docs/ddpl_isaaclab.md)")  # fmt: skip
     return None
 
 
-# ALGO LOGIC: environment glue. Dicts of torch tensors keyed by agent <-> stacked JAX arrays, on the env's device.
 def to_jax(tensor) -> jax.Array:
-    """A torch tensor as a JAX array through DLPack: no copy on the same device. Bools first become float32 (DLPack
+    """A torch tensor as a JAX array through DLPack: no copy on the same device. Bools become float32 first (DLPack
     import of bool tensors is not supported everywhere); non-contiguous views become contiguous on their device."""
     if not tensor.dtype.is_floating_point:
         tensor = tensor.float()
@@ -194,25 +157,23 @@ def to_jax(tensor) -> jax.Array:
 class IsaacAdapter:
     """A DirectMARLEnv with num_seeds x E envs as per-seed stacked arrays: observations (seed, E, N, D) zero-padded
     to the largest agent's D, state (seed, E, S), learner actions (seed, E, N, A) in [-1, 1] (padding dropped).
+    step() reports "terminal" (an agent's `terminated`: the ball fell), "truncated" (a time-out without termination)
+    and "done"; IsaacLab resets finished envs inside step(), so their s' is the next episode's first state."""
 
-    IsaacLab resets finished envs inside step(): the observations and state() it returns for them are the next
-    episode's first ones, and the true last observation is gone. step() reports "terminal" (an agent's `terminated`:
-    the ball fell), "truncated" (a time-out without termination) and "done"; the learner masks the TD error of
-    truncated transitions instead of bootstrapping from the next episode's state (make_train, critic_loss).
-    """
-
-    def __init__(self, env, num_seeds: int):
+    def __init__(self, env, num_seeds: int, num_envs: int | None = None):
         import torch
 
         self.torch, self.env = torch, env
         self.base = base = getattr(env, "unwrapped", env)  # gym.make wraps the DirectMARLEnv
+        if error := check_devices(env):
+            raise ValueError(error)
+        if base.num_envs % num_seeds or num_envs not in (None, base.num_envs // num_seeds):
+            raise ValueError(f"the env holds {base.num_envs} envs, not {num_seeds} seed(s) x {num_envs or 'E'} envs")
         self.agents = list(getattr(base, "possible_agents", None) or base.observation_spaces)
         self.num_agents = len(self.agents)
         self.obs_dims = [int(base.observation_spaces[a].shape[0]) for a in self.agents]
         self.act_dims = [int(base.action_spaces[a].shape[0]) for a in self.agents]
         self.obs_dim, self.act_dim = max(self.obs_dims), max(self.act_dims)
-        if base.num_envs % num_seeds:
-            raise ValueError(f"{base.num_envs} envs cannot be split into {num_seeds} seeds")
         self.num_seeds, self.num_envs = num_seeds, base.num_envs // num_seeds
         self.max_episode_length = int(base.max_episode_length)
         self.state_dim = None  # known after the first reset
@@ -221,11 +182,11 @@ class IsaacAdapter:
         return x.reshape(self.num_seeds, self.num_envs, *x.shape[1:])
 
     def _obs(self, obs: dict) -> jax.Array:
-        pad = [
-            jnp.pad(to_jax(obs[a]), ((0, 0), (0, self.obs_dim - d)))
-            for a, d in zip(self.agents, self.obs_dims, strict=True)
-        ]
-        return self._lanes(jnp.stack(pad, axis=1))
+        dims = zip(self.agents, self.obs_dims, strict=True)
+        return self._lanes(jnp.stack([jnp.pad(to_jax(obs[a]), ((0, 0), (0, self.obs_dim - d))) for a, d in dims], 1))
+
+    def _agents(self, x: dict) -> jax.Array:  # {agent: (seed * E,) tensor} -> (N, seed * E)
+        return jnp.stack([to_jax(x[a]).reshape(-1) for a in self.agents])
 
     def _state(self) -> jax.Array:
         state = self._lanes(to_jax(self.base.state()))
@@ -242,23 +203,11 @@ class IsaacAdapter:
         actions = self.torch.from_dlpack(agents_first)  # one tensor for all agents, no copy
         actions = {a: actions[i, :, :d] for i, (a, d) in enumerate(zip(self.agents, self.act_dims, strict=True))}
         obs, rewards, terminated, time_outs, _ = self.env.step(actions)
-        # the hands share one reward (identical per agent in the over task): the team reward is their mean
-        reward = jnp.stack([to_jax(rewards[a]).reshape(-1) for a in self.agents]).mean(axis=0)
-        terminal = jnp.stack([to_jax(terminated[a]).reshape(-1) for a in self.agents]).max(axis=0)
-        time_out = jnp.stack([to_jax(time_outs[a]).reshape(-1) for a in self.agents]).max(axis=0)
+        reward = self._agents(rewards).mean(axis=0)  # the team reward: the hands' mean (the over task gives both one)
+        terminal, time_out = self._agents(terminated).max(axis=0), self._agents(time_outs).max(axis=0)
         truncated = time_out * (1.0 - terminal)
-        out = {"obs": self._obs(obs), "state": self._state(), "reward": reward, "terminal": terminal}
-        out |= {"truncated": truncated, "done": jnp.maximum(terminal, truncated)}
-        return out | {k: self._lanes(out[k]) for k in ("reward", "terminal", "truncated", "done")}
-
-
-def check_devices(env) -> str | None:
-    """JAX must sit on the GPU that the env's tensors live on, else DLPack cannot share them: None when it does."""
-    device = str(getattr(env, "unwrapped", env).device)
-    if device.startswith("cuda") and jax.default_backend() != "gpu":
-        return (f"the env's tensors are on {device} but JAX runs on {jax.default_backend()} (devices {jax.devices()}): "
-                "install JAX's CUDA build (pip install 'jax[cuda12]==0.5.3', docs/ddpl_isaaclab.md)")  # fmt: skip
-    return None
+        out = {"reward": reward, "terminal": terminal, "truncated": truncated, "done": jnp.maximum(terminal, truncated)}
+        return {"obs": self._obs(obs), "state": self._state()} | {k: self._lanes(v) for k, v in out.items()}
 
 
 def buffer_init(size: int, N: int, D: int, S: int, A: int) -> dict:
@@ -290,19 +239,12 @@ def make_noise_schedule(name: str, num_steps: int) -> dict:
         betas = 1.0 - jnp.exp(-0.1 / K - 0.5 * (10.0 - 0.1) * (2 * t - 1) / K**2)
     else:
         raise ValueError(f"unknown noise schedule {name!r}; choose from linear, cosine, vp")
-    alphas = 1.0 - betas
-    abar = jnp.cumprod(alphas)
+    alphas, abar = 1.0 - betas, jnp.cumprod(1.0 - betas)
     abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
-    return {
-        "betas": betas,
-        "abar": abar,
-        # posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7)
-        "c1": jnp.sqrt(abar_prev) * betas / (1.0 - abar),
-        "c2": jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar),
-        # sigma_k^2 = b_k (ours): with K = 20 the posterior variance makes broad policies too narrow
-        # (tests/test_core.py::test_sampler_fidelity; ALGORITHM.md sec. 3 "Measured")
-        "sigma": jnp.sqrt(betas),
-    }
+    # c1, c2: posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7). sigma_k^2 = b_k (ours): with
+    # K = 20 the posterior variance makes broad policies too narrow (ALGORITHM.md sec. 3 "Measured")
+    c1, c2 = jnp.sqrt(abar_prev) * betas / (1.0 - abar), jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar)
+    return {"betas": betas, "abar": abar, "c1": c1, "c2": c2, "sigma": jnp.sqrt(betas)}
 
 
 def mish(x):
@@ -319,11 +261,8 @@ def step_embedding(k):
 
 
 class ScoreNet(nn.Module):
-    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o].
-
-    __call__ defines the network (and its parameters). The sampler evaluates the same function in two parts:
-    condition(o), the observation's share of the first layer, once per chain, then denoise(x_k, k, c) at every step.
-    """
+    """Noise predictor eps_theta(x_k, k, o): MLP with mish (Table 3) on [x_k, sin-emb(k), o]. The sampler evaluates
+    __call__ in two parts: condition(o) once per chain, then denoise(x_k, k, condition(o)) at every step."""
 
     action_dim: int
     hidden: int = 256
@@ -353,11 +292,8 @@ class ScoreNet(nn.Module):
 
 
 def sample_actions(apply_fn, params, obs, key, sched, action_dim):
-    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1).
-
-    obs has shape (..., obs_dim); returns actions of shape (..., action_dim). Key use: split(key, K + 1),
-    keys[0] draws x_K and keys[1 + K - k] the noise of step k = K..1 (tests replay this with a Python loop).
-    """
+    """Reverse DDPM chain x_K ~ N(0, I) -> x_0 in one lax.scan, then a = clip(x_0, -1, 1) (Sec. 4.1). obs (..., obs_dim)
+    -> actions (..., action_dim). keys = split(key, K + 1): keys[0] draws x_K, keys[1 + K - k] the noise of step k."""
     K = sched["betas"].shape[0]
     keys = jax.random.split(key, K + 1)
     x_K = jax.random.normal(keys[0], obs.shape[:-1] + (action_dim,))
@@ -365,8 +301,7 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
 
     def step(x, inp):
         k, step_key = inp  # k runs K..1
-        i = k - 1
-        eps = apply_fn(params, x, k, cond, method="denoise")
+        i, eps = k - 1, apply_fn(params, x, k, cond, method="denoise")
         # x0 prediction clipped to the action box (as in DACER), then the DDPM posterior mean
         x0 = jnp.clip((x - jnp.sqrt(1.0 - sched["abar"][i]) * eps) / jnp.sqrt(sched["abar"][i]), -1.0, 1.0)
         noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
@@ -377,10 +312,8 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
 
 
 def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
-    """Denoising score matching (eq. 1) on x0 of shape (B, M, d) with obs (B, obs_dim).
-
-    weights (B, M), if given, replace the plain mean over the M samples of each state (ISSM, eq. 2).
-    """
+    """Denoising score matching (eq. 1) on x0 (B, M, d) with obs (B, obs_dim). weights (B, M), if given, replace the
+    plain mean over the M samples of each state (ISSM, eq. 2)."""
     B, M, d = x0.shape
     K = sched["betas"].shape[0]
     k_key, eps_key = jax.random.split(key)
@@ -396,12 +329,9 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
 
 
 def issm_weights(q, eta, q_scale=None):
-    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state.
-
-    With q = pi^t as proposal the weight pi^{t+1} / pi^t is exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None divides
-    each state's Qbar by its own std over the M samples (the sharpness is then fixed, whatever the Q differences);
-    a number divides every state by the same scale (ours: --weight-rule, ALGORITHM.md sec. 4).
-    """
+    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state: with
+    pi^t as proposal, pi^{t+1} / pi^t = exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None: each state's own std over its
+    M samples; a number: one scale for every state (ours: --weight-rule, ALGORITHM.md sec. 4)."""
     if q_scale is None:
         q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
     else:
@@ -416,12 +346,9 @@ def weight_ess(weights):
 
 def issm_temperature(temp, q, rule, eta, target_ess, mask=None, rate=0.01):
     """ISSM weights (B, M) at this update's temperature -> (weights, new temp, mean ESS fraction, eta_t). Ours.
-
-    rule "state": each state's Qbar standardised over its M samples; "batch": Qbar over one scale for all states,
-    a running mean (rate per update) of the batch's mean within-state std, so states whose samples barely differ
-    get near-uniform weights; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent,
-    as SAC tunes its alpha: log_eta rises while the weights' mean ESS fraction exceeds the target, falls below it.
-    mask (B,) in {0, 1} leaves rows out of both averages (dead SMAX allies). temp: {"log_eta", "q_scale"}, zeros.
+    rule "state": each state's Qbar over its own std; "batch": over a running mean (rate per update) of the batch's
+    mean within-state std; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent on the
+    mean ESS fraction, as SAC tunes alpha. mask (B,) drops rows from both means (dead SMAX allies). temp starts at 0.
     """
     mask = jnp.ones(q.shape[0]) if mask is None else mask
     mean = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)  # noqa: E731
@@ -456,16 +383,18 @@ class TwinCritic(nn.Module):
 
 
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once (Isaac Sim), then U updates of every agent (jitted).
-def make_train(args: Args, env: IsaacAdapter, num_iterations: int):
-    """Returns init(seed), act(actor, key, obs, iteration), learn(runner state, transitions, iteration) and
-    policy(actor, obs, key). All are per seed; train() jits and vmaps them over seeds and runs the env loop."""
+def make_train(args: Args, env: IsaacAdapter):
+    """Per-seed functions that main jits and vmaps over seeds (train_chunk runs the env loop between them):
+    init(seed) -> runner state; act(actor, key, obs, iteration) -> (key, actions); learn(runner state, transitions,
+    iteration) -> (runner state, update metrics, updated or not); policy(actor, obs, key) -> actions."""
     N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
     E, B, M = env.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
-    num_updates = max(1, args.updates_per_iteration * (num_iterations - args.learning_starts // E))
+    iters_per_chunk = args.eval_every // E
+    num_chunks = args.total_timesteps // (iters_per_chunk * E)
+    num_updates = max(1, args.updates_per_iteration * (num_chunks * iters_per_chunk - args.learning_starts // E))
     sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
-    score_net = ScoreNet(action_dim=A, hidden=args.hidden_size)
-    critic_net = TwinCritic(hidden=args.hidden_size)
+    score_net, critic_net = ScoreNet(action_dim=A, hidden=args.hidden_size), TwinCritic(hidden=args.hidden_size)
     # Table 3: Adam, learning rate linear 1e-4 -> 5e-5 over training, for actors and critics alike
     tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))
 
@@ -499,19 +428,14 @@ def make_train(args: Args, env: IsaacAdapter, num_iterations: int):
         return key, action
 
     def update_agent(p, mine, shared, key):
-        """One critic step and one ISSM step of one agent (vmapped over agents).
-
-        p: the agent's parameters and optimiser states; mine: its own o_i, a_i, o_i' (B rows each); shared: the
-        states s and s', the team reward, terminal and truncated.
-        """
+        """One critic step and one ISSM step of one agent (vmapped over agents). p: its parameters and optimiser
+        states; mine: its own o_i, a_i, o_i' (B rows each); shared: s, s', the team reward, terminal and truncated."""
         k_next, k_prop, k_dsm = jax.random.split(key, 3)
         # Averaged-Q critic (Alg. 2, line 5): state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
         next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
         q_next = jnp.minimum(*critic_net.apply(p["critic_target"], shared["next_state"], next_action))
-        # TD bootstraps on 1 - terminal: the ball's fall ends the return. A time-out does not, but IsaacLab's s' of a
-        # timed-out env is the NEXT episode's first state, so those rows carry no TD error at all (mask, ours)
         y = shared["reward"] * args.reward_scale + args.gamma * (1.0 - shared["terminal"]) * q_next
-        mask = 1.0 - shared["truncated"]
+        mask = 1.0 - shared["truncated"]  # a timed-out row's s' is the next episode's: no TD error (docs, "s'")
 
         def critic_loss(params):
             q1, q2 = critic_net.apply(params, shared["state"], mine["action"])
@@ -521,10 +445,8 @@ def make_train(args: Args, env: IsaacAdapter, num_iterations: int):
         (c_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(p["critic"])
         updates, critic_opt = tx.update(grads, p["critic_opt"])
         critic = optax.apply_updates(p["critic"], updates)
-        # ISSM (eq. 2) on the first B_p states of the batch (a uniform subset: rows are drawn i.i.d.): M proposals
-        # per state from pi^t (no gradient flows through the sampler), self-normalised weights softmax_j(eta * Qbar)
-        # with Qbar = min of the twin ONLINE critics, just updated above. Truncated
-        # rows keep their (true) state s here: only their s' is wrong.
+        # ISSM (eq. 2) on the first B_p states (rows are i.i.d.; truncated rows' s is true): M proposals per state from
+        # pi^t, no gradient through the sampler, weights softmax_j(eta * Qbar), Qbar = min of the just-updated critics
         obs, state = mine["obs"][:Bp], shared["state"][:Bp]
         proposals = sample_actions(
             score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
@@ -558,34 +480,56 @@ def make_train(args: Args, env: IsaacAdapter, num_iterations: int):
         rs = rs | {"buffer": buffer_add(rs["buffer"], transitions, iteration), "key": key}
 
         def updates(rs):
-            rs, metrics = jax.lax.scan(
-                lambda r, k: update(r, iteration, k), rs, jax.random.split(k_upd, args.updates_per_iteration)
-            )
+            keys = jax.random.split(k_upd, args.updates_per_iteration)
+            rs, metrics = jax.lax.scan(lambda r, k: update(r, iteration, k), rs, keys)
             return rs, metrics.mean(axis=0), jnp.float32(1.0)
 
-        def no_updates(rs):
-            return rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0)
-
         do_learn = ((iteration + 1) * E >= args.learning_starts) & (args.updates_per_iteration > 0)
+        no_updates = lambda rs: (rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0))  # noqa: E731
         return jax.lax.cond(do_learn, updates, no_updates, rs)
 
-    return init, act, learn, policy
+    return SimpleNamespace(init=init, act=act, learn=learn, policy=policy, iters_per_chunk=iters_per_chunk,
+                           steps_per_chunk=iters_per_chunk * E, num_chunks=num_chunks)  # fmt: skip
 
 
 @jax.jit
 def track_episodes(ep, reward, done):
-    """Running returns and lengths (seed, E); finished episodes' sums and counts are added to ep["sum_*"]/"count"."""
-    ret, length = ep["ret"] + reward, ep["len"] + 1.0
-    ep = ep | {"sum_ret": ep["sum_ret"] + (ret * done).sum(-1), "sum_len": ep["sum_len"] + (length * done).sum(-1)}
-    return ep | {"count": ep["count"] + done.sum(-1), "ret": ret * (1.0 - done), "len": length * (1.0 - done)}
+    """Running returns (seed, E); the returns of episodes that end are added to ep["sum"] and counted in ep["count"]."""
+    ret = ep["ret"] + reward
+    return {"ret": ret * (1.0 - done), "sum": ep["sum"] + (ret * done).sum(-1), "count": ep["count"] + done.sum(-1)}
+
+
+def train_chunk(env: IsaacAdapter, act, learn, rs: dict, start: dict, iterations: range, bar):
+    """The Python env loop from start = {"obs", "state"}: per iteration the jitted act, one step of all envs, the
+    jitted learn. -> (rs, update metrics and train_return per seed, seconds spent in env.step)."""
+    obs, state, env_time, updates = start["obs"], start["state"], 0.0, []
+    zeros = jnp.zeros((env.num_seeds, env.num_envs))
+    ep = {"ret": zeros, "sum": zeros[:, 0], "count": zeros[:, 0]}  # training episodes: running and finished returns
+    for iteration in iterations:
+        key, action = act(rs["learner"]["actor"], rs["key"], obs, np.int32(iteration))
+        env_start = time.time()
+        out = env.step(action)  # Isaac Sim runs asynchronously on the GPU: env_time is a lower bound
+        env_time += time.time() - env_start
+        transitions = {"obs": obs, "state": state, "action": action, "next_obs": out["obs"], "next_state": out["state"]}
+        transitions |= {k: out[k] for k in ("reward", "terminal", "truncated")}
+        ep = track_episodes(ep, out["reward"], out["done"])
+        obs, state = out["obs"], out["state"]
+        rs, metrics, updated = learn(rs | {"key": key}, transitions, np.int32(iteration))
+        updates.append((metrics, updated))
+        bar.update(env.num_envs)
+    jax.block_until_ready(rs["learner"])  # the last update, dispatched asynchronously, counts as training
+    metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
+    count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
+    mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
+    ep = jax.device_get(ep)
+    train_return = np.where(ep["count"] > 0, ep["sum"] / np.maximum(ep["count"], 1), np.nan)
+    return rs, dict(zip(UPDATE_METRICS, mean.T, strict=True)) | {"train_return": train_return}, env_time
 
 
 def evaluate(env: IsaacAdapter, eval_act, actor, seeds: list[int], global_step: int):
     """Mean return and length of the first episode of every env (stochastic policy, Sec. 5), from a fresh reset.
-
-    Isaac Sim hosts one set of envs, so evaluation borrows the training envs and training resumes from a reset.
-    Action keys depend only on (seed, global_step); Isaac Sim's physics need not be bit-reproducible on a GPU.
-    """
+    Isaac Sim hosts one set of envs: evaluation borrows the training envs. Action keys depend only on (seed,
+    global_step); Isaac Sim's physics need not be bit-reproducible on a GPU."""
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), global_step) for s in seeds])
     obs = env.reset()["obs"]
     shape = (len(seeds), env.num_envs)
@@ -600,17 +544,42 @@ def evaluate(env: IsaacAdapter, eval_act, actor, seeds: list[int], global_step: 
 
 
 # TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
-def divergence(metrics: dict, learner: dict) -> str | None:
-    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
+# --- plumbing: begin ---
+# Identical text in every ddpl_*.py (tests/test_core_identity.py): command line, checkpoints, run folder, the loop over
+# chunks with its divergence guard, figures. A script may leave a part unused (the ablation saves no model).
+def parse_args(**kwargs) -> "Args":
+    """tyro.cli(Args), with tyro's boxed multi-line errors condensed to one line on stderr (exit 2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args, **kwargs)
+    except SystemExit as e:
+        if e.code:
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
+            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        raise
 
-    A chunk without updates (warm-up) logs NaN losses by design, so the parameters decide: a non-finite loss or Q
-    reaches them at the next Adam step. Infinite losses or Q count at once."""
-    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
-    groups = [
-        k for k, v in learner.items() if not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(v)))
-    ]
-    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
-    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
+
+def load_checkpoint(args: "Args", fields: tuple[str, ...]) -> tuple["Args", dict]:
+    """--eval-only: args with the checkpoint's `fields` and seed count, and the checkpoint; ValueError if unusable."""
+    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
+        raise ValueError("--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together")
+    if not args.checkpoint:
+        return args, {}
+    try:
+        with open(args.checkpoint, "rb") as f:
+            ckpt = flax.serialization.msgpack_restore(f.read())
+        config, num_seeds = json.loads(ckpt["config"]), len(jax.tree.leaves(ckpt["actor"])[0])
+        return replace(args, **{k: config[k] for k in fields}, num_seeds=num_seeds), ckpt
+    except Exception as e:
+        raise ValueError(f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax of this script ({e!r})") from e
+
+
+def save_checkpoint(path: str, actor, global_step: int, args: "Args"):
+    ckpt = {"actor": actor, "global_step": global_step, "config": json.dumps(asdict(args))}
+    with open(path, "wb") as f:
+        f.write(flax.serialization.to_bytes(ckpt))  # msgpack, no pickle
 
 
 def stats(values) -> dict:
@@ -618,216 +587,271 @@ def stats(values) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
 
 
-def plot_curve(rows: list[dict], path: str, title: str):
+def divergence(metrics: dict, learner: dict) -> str | None:
+    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
+    A warm-up chunk logs NaN losses by design, so the parameters decide; infinite losses or Q count at once."""
+    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
+    finite = lambda tree: all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))  # noqa: E731
+    groups = [k for k, v in learner.items() if not finite(v)]
+    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
+    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
+
+
+def seed_placement():
+    """(lanes, whole): the seed axis split over the local devices (1-D mesh "seed"), and a replicated placement."""
+    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
+    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
+
+
+class Stop(Exception):
+    """Ends a run without summary.json: diverged (exit 1)."""
+
+
+class RunFolder:
+    """runs/<run_name>/: config.json at once, metrics.csv (and W&B, a run per seed) row by row, summary.json last: its
+    presence marks a complete run. log()'s `labels` are extra columns (e.g. the policy class) that name W&B runs."""
+
+    def __init__(self, args: "Args", env_id: str, columns: tuple[str, ...]):
+        self.args, self.start, self.rows, self.wandb = args, time.time(), [], {}
+        self.name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(self.start)}"
+        self.dir = os.path.join(args.runs_dir, self.name)
+        os.makedirs(self.dir, exist_ok=True)
+        with open(self.path("config.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.file = open(self.path("metrics.csv"), "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=("global_step", "seed", *columns, "sps", "wall_time"))
+        self.writer.writeheader()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def log(self, global_step: int, seeds: list[int], metrics: dict, sps: float, wall_time: float, **labels):
+        for i, seed in enumerate(seeds):
+            row = dict.fromkeys(self.writer.fieldnames, "") | {"global_step": global_step, "seed": seed, **labels}
+            row |= {k: float(v[i]) for k, v in metrics.items() if k in row} | {"sps": round(sps, 1)}
+            self.writer.writerow(row | {"wall_time": round(wall_time, 2)})
+            self.rows.append(row)
+            if self.args.track:
+                self.wandb_run(seed, labels).log(
+                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
+                )
+        self.file.flush()
+
+    def wandb_run(self, seed: int, labels: dict):
+        """One W&B run per seed (and label), grouped by run name: seeds are never averaged silently."""
+        if (key := (*labels.values(), seed)) not in self.wandb:
+            import wandb
+
+            name, config = "__".join(map(str, (self.name, *key))), asdict(self.args) | labels | {"lane_seed": seed}
+            self.wandb[key] = wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity,
+                                         name=name, group=self.name, config=config, reinit="create_new")  # fmt: skip
+        return self.wandb[key]
+
+    def stop(self, e: BaseException) -> int:
+        print(f"error: {e}" if isinstance(e, Stop) else "interrupted", end="", file=sys.stderr)
+        print(f"; {self.dir} is incomplete (no summary.json)", file=sys.stderr)
+        return 1 if isinstance(e, Stop) else 130
+
+    def finish(self, summary: dict, panels: dict, title: str) -> int:
+        """Draws the learning curve (plot_curve's panels), then writes summary.json."""
+        self.file.close()
+        plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
+        summary = {"script": os.path.basename(__file__), **summary, "wall_time_s": round(time.time() - self.start, 2)}
+        with open(self.path("summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        for run in self.wandb.values():
+            run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+            run.finish()
+        for name, value in summary.items():  # final eval return, and final win rate where there is one
+            if name.startswith("final_") and "mean" in value:
+                print(f"{name.replace('_', ' ')} {value['mean']:.3f} +- {value['std']:.3f}")
+        print(f"wrote {self.dir}")
+        return 0
+
+
+def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_fn, probe_fn=None, **labels) -> dict:
+    """chunk_fn(chunk, bar) -> (metrics of per-seed arrays, learner) trains `steps` env steps per seed, then evaluates.
+    Logs every chunk, stops on divergence, draws probe_fn() (--probe-every) at step 0 and every --probe-every steps.
+    Returns the last and the best metrics (highest mean eval return: Table 1's statistic), sps, step and probes."""
+    from tqdm import tqdm
+
+    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {"steps": [], "actions": []}
+
+    def take_probe(global_step: int):
+        if probe_fn is not None and global_step % run.args.probe_every == 0:
+            probes["steps"].append(global_step)
+            probes["actions"].append(np.asarray(probe_fn()))
+
+    take_probe(0)
+    desc = ", ".join([*map(str, labels.values()), f"{len(seeds)} seed(s)"])
+    with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
+        for chunk in range(chunks):
+            metrics, learner = chunk_fn(chunk, bar)
+            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+            global_step, elapsed = (chunk + 1) * steps, time.time() - start
+            run.log(global_step, seeds, metrics, global_step / elapsed, elapsed, **labels)
+            if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
+                raise Stop(f"diverged at env step {global_step}: {reason}")
+            best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
+            take_probe(global_step)
+            bar.update(global_step - bar.n)
+            bar.set_postfix(
+                {
+                    n: f"{metrics[k].mean():.2f}"
+                    for n, k in (("eval", "episodic_return"), ("win", "win_rate"))
+                    if k in metrics
+                }
+            )
+    probes = {"steps": probes["steps"], "actions": np.stack(probes["actions"])} if probes["steps"] else None
+    return {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step} | {
+        "probes": probes
+    }
+
+
+def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
+    """panels: {y label: {line label: (column, {column: value} the rows must match)}}; mean and std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = sorted({r["global_step"] for r in rows})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, color in (("episodic_return", "tab:blue"), ("train_return", "tab:gray")):
-        by_step = [[r[name] for r in rows if r["global_step"] == s] for s in steps]  # "" where nothing was logged
-        values = np.array([[np.nan if v == "" else float(v) for v in vs] for vs in by_step])
-        if np.all(np.isnan(values)):
-            continue
-        mean, std = values.mean(axis=1), values.std(axis=1)  # NaN (no data) leaves a gap
-        label = "eval (stochastic policy)" if name == "episodic_return" else "training episodes"
-        ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
-        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
-    ax.set(xlabel="environment steps per seed", ylabel=f"episode return (mean, std of {values.shape[1]} seeds)")
-    ax.set_title(title)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], panels.items(), strict=True):
+        for (label, (column, where)), color in zip(lines.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
+            rows_in = [r for r in rows if all(r[k] == v for k, v in where.items())]
+            steps = sorted({r["global_step"] for r in rows_in})
+            values = [
+                [np.nan if r[column] == "" else r[column] for r in rows_in if r["global_step"] == s] for s in steps
+            ]
+            if steps and not np.all(np.isnan(values)):  # NaN (nothing logged) leaves a gap
+                mean, std = np.mean(values, axis=1), np.std(values, axis=1)
+                ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def train(args: Args, env) -> int:
-    """DDPL on `env`, an object with the DirectMARLEnv surface (reset/step/state, observation_spaces/action_spaces,
-    num_envs, device, max_episode_length) holding num_seeds x num_envs envs. Writes runs/<run_name>/; returns 0,
-    2 (bad input or devices) or 130 (Ctrl-C)."""
-    if error := validate(args) or check_devices(env):
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    if args.eval_only:  # the policy's architecture comes from the checkpoint
-        args = replace(args, **{k: ckpt["config"][k] for k in POLICY_FIELDS})
-    env = IsaacAdapter(env, args.num_seeds)
-    if env.num_envs != args.num_envs:
-        print(f"error: the env holds {env.num_envs} envs per seed, not --num-envs {args.num_envs}", file=sys.stderr)
-        return 2
-    env_id = f"IsaacLab_{args.task}"
-    run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    script_start = time.time()
+def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
+    """Fig. 4 right analogue: per entry of `probes` and probe step, agents 0 and 1's actions (dims `dims`), seed 0."""
+    import matplotlib
 
-    seeds = list(range(args.seed, args.seed + args.num_seeds))
-    E = args.num_envs
-    first = env.reset()
-    iters_per_chunk = args.eval_every // E
-    num_chunks = args.total_timesteps // (iters_per_chunk * E)
-    steps_per_chunk = iters_per_chunk * E
-    init, act, learn, policy = make_train(args, env, num_chunks * iters_per_chunk)
-    seeds_arr = jnp.asarray(seeds, jnp.int32)
-    rs_shape = jax.eval_shape(jax.vmap(init), seeds_arr)
-    eval_act = jax.jit(jax.vmap(lambda actor, obs, key, t: policy(actor, obs, jax.random.fold_in(key, t)),
-                                in_axes=(0, 0, 0, None)))  # fmt: skip
-    wandb_runs = []
-    if args.track:  # one W&B run per seed, grouped by run name: seeds are never averaged silently
-        import wandb
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        for s in seeds:
-            config, name = {**asdict(args), "lane_seed": s}, f"{run_name}__seed{s}"
-            wandb_runs.append(wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name,
-                                         group=run_name, config=config, reinit="create_new"))  # fmt: skip
-    rows = []
-    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    writer = csv.DictWriter(metrics_file, fieldnames=("global_step", "seed", *METRICS, "sps", "wall_time"))
-    writer.writeheader()
-
-    def log(global_step: int, metrics: dict, sps: float, wall_time: float):
-        for i, s in enumerate(seeds):
-            row = {"global_step": global_step, "seed": s, **{k: float(metrics[k][i]) for k in metrics}}
-            row = {**{k: "" for k in METRICS}, **row, "sps": round(sps, 1), "wall_time": round(wall_time, 2)}
-            row = {k: "" if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
-            writer.writerow(row)
-            rows.append(row)
-            if wandb_runs:
-                wandb_runs[i].log({k: v for k, v in row.items() if v != ""}, step=global_step)
-        metrics_file.flush()
-
-    if args.eval_only:
-        global_step = int(ckpt["global_step"])
-        returns, lengths = evaluate(env, eval_act, ckpt["actor"], seeds, global_step)
-        log(global_step, {"episodic_return": returns, "episode_length": lengths}, 0.0, time.time() - script_start)
-        final = best = returns
-        sps, total_timesteps = 0.0, global_step
-        print(f"eval-only {args.checkpoint} at global_step {global_step}: episodic_return per seed {returns.tolist()}")
-    else:
-        from tqdm import tqdm
-
-        buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rs_shape["buffer"])) / 1e9
-        print(f"{env_id}: {env.num_agents} agents {env.agents}, obs {env.obs_dims}, state {env.state_dim}, actions "
-              f"{env.act_dims}, {E} envs x {args.num_seeds} seed(s) on {env.base.device}, JAX on "
-              f"{jax.default_backend()}; replay buffer {buffer_gb:.2f} GB; compiling...", flush=True)  # fmt: skip
-        obs, state = first["obs"], first["state"]
-        rs = jax.jit(jax.vmap(init))(seeds_arr)
-        act = jax.jit(jax.vmap(act, in_axes=(0, 0, 0, None)))
-        learn = jax.jit(jax.vmap(learn, in_axes=(0, 0, None)), donate_argnums=0)
-        start, final, best, best_mean = time.time(), None, None, -np.inf
-        times = dict.fromkeys(("train", "env", "eval"), 0.0)  # seconds: training (Isaac Sim steps included), eval
-        for chunk in range(num_chunks):
-            try:
-                bar = tqdm(total=steps_per_chunk, unit="step", desc=f"chunk {chunk + 1}/{num_chunks}", leave=False)
-                chunk_start, env_time, updates = time.time(), 0.0, []
-                zeros = jnp.zeros((args.num_seeds, E))
-                ep = {"ret": zeros, "len": zeros, **dict.fromkeys(("sum_ret", "sum_len", "count"), zeros[:, 0])}
-                for iteration in range(chunk * iters_per_chunk, (chunk + 1) * iters_per_chunk):
-                    key, action = act(rs["learner"]["actor"], rs["key"], obs, np.int32(iteration))
-                    env_start = time.time()
-                    out = env.step(action)  # (Isaac Sim runs asynchronously on the GPU: env_time is a lower bound)
-                    env_time += time.time() - env_start
-                    transitions = {"obs": obs, "state": state, "action": action, "next_obs": out["obs"]}
-                    transitions |= {k: out[k] for k in ("reward", "terminal", "truncated")}
-                    transitions["next_state"] = out["state"]
-                    ep = track_episodes(ep, out["reward"], out["done"])
-                    obs, state = out["obs"], out["state"]
-                    rs, metrics, updated = learn(rs | {"key": key}, transitions, np.int32(iteration))
-                    updates.append((metrics, updated))
-                    bar.update(E)
-                jax.block_until_ready(rs["learner"])  # the last update, dispatched asynchronously, counts as training
-                train_time = time.time() - chunk_start
-                global_step = (chunk + 1) * steps_per_chunk
-                returns, lengths = evaluate(env, eval_act, rs["learner"]["actor"], seeds, global_step)
-                first = env.reset()  # training resumes from fresh episodes after the evaluation
-                obs, state = first["obs"], first["state"]
-                bar.close()
-            except KeyboardInterrupt:  # the run folder stays without summary.json: incomplete, and says so
-                print(f"interrupted; {run_dir} is incomplete (no summary.json)", file=sys.stderr)
-                return 130
-            times["train"], times["env"] = times["train"] + train_time, times["env"] + env_time
-            times["eval"] += time.time() - chunk_start - train_time
-            metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
-            count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
-            mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
-            metrics = dict(zip(UPDATE_METRICS, mean.T, strict=True))
-            ep = jax.device_get(ep)
-            train_return = np.where(ep["count"] > 0, ep["sum_ret"] / np.maximum(ep["count"], 1), np.nan)
-            metrics |= {"episodic_return": returns, "episode_length": lengths, "train_return": train_return}
-            metrics["env_share"] = np.full(args.num_seeds, env_time / train_time)
-            elapsed = time.time() - start
-            sps = global_step / elapsed  # env steps per second per seed (CleanRL's SPS); x num_seeds for the machine
-            log(global_step, metrics, sps, elapsed)
-            if reason := divergence(metrics, rs["learner"]):  # metrics.csv keeps this chunk; no summary.json
-                bar.close()
-                print(f"error: diverged at env step {global_step}: {reason}; {run_dir} is incomplete", file=sys.stderr)
-                return 1
-            final = returns
-            if final.mean() > best_mean:  # best = highest mean over seeds (Table 1's statistic)
-                best, best_mean = final, final.mean()
-            print(f"step {global_step:,}: eval return {final.mean():.2f}, {sps:.0f} env steps/s per seed", flush=True)
-        total_timesteps = global_step  # --total-timesteps rounded down to whole chunks
-        if args.save_model:
-            ckpt = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
-            with open(os.path.join(run_dir, "model.flax"), "wb") as f:
-                f.write(flax.serialization.to_bytes(ckpt))
-    metrics_file.close()
-    plot_curve(rows, os.path.join(run_dir, "learning_curve.png"), f"DDPL on {env_id}")
-    summary = {
-        "script": os.path.basename(__file__),
-        "env_id": env_id,
-        "total_timesteps": total_timesteps,
-        "num_seeds": args.num_seeds,
-        "final_eval_return": stats(final),
-        "best_eval_return": stats(best),
-        "wall_time_s": round(time.time() - script_start, 2),
-        "sps": round(sps, 1),
-        "eval_only": args.eval_only,
-        "jax_backend": jax.default_backend(),
-    }
-    if not args.eval_only:  # where the time went: env steps/s of training alone and the Isaac Sim share of it
-        summary |= {f"{k}_time_s": round(v, 2) for k, v in times.items()}
-        summary["train_sps"] = round(total_timesteps / times["train"], 1)
-    # summary.json last: its presence marks a complete run folder
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    for run in wandb_runs:
-        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        run.finish()
-    print(f"final eval return {summary['final_eval_return']['mean']:.2f} +- {summary['final_eval_return']['std']:.2f}")
-    print(f"wrote {run_dir}")
-    return 0
+    steps = next(iter(probes.values()))["steps"]
+    fig, axes = plt.subplots(len(probes), len(steps), figsize=(2.6 * len(steps), 2.6 * len(probes)), squeeze=False)
+    for row, (label, probe) in enumerate(probes.items()):
+        for col, step in enumerate(steps):
+            for agent, color in ((0, "tab:blue"), (1, "tab:red")):
+                a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)]
+                axes[row][col].scatter(
+                    a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}"
+                )
+            axes[row][col].set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
+            axes[row][col].set_title(f"{label}, {step:,} steps", fontsize=8)
+    axes[0][0].legend(fontsize=7, markerscale=4)
+    fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-def main(args: Args) -> int:
-    """Launch Isaac Sim headless, build the task with gym.make, then train(). Exits 2 without Isaac Sim."""
-    if error := validate(args):
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if missing := missing_isaac():
-        print(f"error: IsaacLab is not installed here (missing: {missing}); {INSTALL_HINT}", file=sys.stderr)
-        return 2
-    from isaaclab.app import AppLauncher  # Isaac Sim must be running before any other isaaclab module is imported
+# --- plumbing: end ---
 
-    app = AppLauncher(headless=True, device=args.device).app
-    try:
-        import gymnasium as gym
-        import isaaclab_tasks  # noqa: F401  (registers the Isaac-* task ids with gymnasium)
-        from isaaclab_tasks.utils import parse_env_cfg
 
-        cfg = parse_env_cfg(args.task, device=args.device, num_envs=args.num_seeds * args.num_envs)
-        cfg.seed = args.seed
-        env = gym.make(args.task, cfg=cfg)
+def validate(args: Args) -> str | None:
+    """A one-line description of the first invalid flag tyro cannot check, or None. Runs before anything is written."""
+    if not 0 <= args.issm_batch_size <= args.batch_size:
+        return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
+    if not 0 <= args.target_ess < 1:
+        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
+    if args.num_action_samples < 2:
+        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
+    minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
+    minimum |= {"updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+    if not args.num_envs <= args.eval_every <= args.total_timesteps:
+        got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
+        return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
+    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
+    if args.learning_rate_end <= 0 or args.reward_scale <= 0:
+        return "--learning-rate-end and --reward-scale must be > 0"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track needs the wandb package (pip install wandb), which is not installed"
+    return None
+
+
+def main(args: Args, env=None) -> int:
+    """Trains (or evaluates --checkpoint) on `env`, an object with the DirectMARLEnv surface holding --num-seeds x
+    --num-envs envs (tests pass a torch stand-in); None launches Isaac Sim and builds --task (exit 2 without it)."""
+    with contextlib.ExitStack() as isaac:  # closes the env and Isaac Sim on the way out
         try:
-            return train(args, env)
-        finally:
-            env.close()
-    finally:
-        app.close()
+            args, ckpt = load_checkpoint(args, POLICY_FIELDS)  # --eval-only: task and architecture from the checkpoint
+            if error := validate(args):
+                raise ValueError(error)
+            env = isaac.enter_context(isaac_sim(args)) if env is None else env
+            env = IsaacAdapter(env, args.num_seeds, args.num_envs)  # ValueError: devices or env count
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        env_id = f"IsaacLab_{args.task}"
+        run = RunFolder(args, env_id, METRICS)
+        start = env.reset()  # the state's size is known after the first reset
+        train, seeds = make_train(args, env), list(range(args.seed, args.seed + args.num_seeds))
+        eval_act = jax.jit(jax.vmap(lambda actor, obs, key, t: train.policy(actor, obs, jax.random.fold_in(key, t)),
+                                    in_axes=(0, 0, 0, None)))  # fmt: skip
+        if args.eval_only:
+            step = int(ckpt["global_step"])
+            returns, lengths = evaluate(env, eval_act, ckpt["actor"], seeds, step)
+            metrics = {"episodic_return": returns, "episode_length": lengths}
+            run.log(step, seeds, metrics, 0.0, time.time() - run.start)
+            result = {"last": metrics, "best": metrics, "sps": 0.0, "global_step": step}
+            print(f"eval-only {args.checkpoint} at global_step {step}: episodic_return per seed {returns.tolist()}")
+        else:
+            shape = jax.eval_shape(jax.vmap(train.init), jnp.asarray(seeds, jnp.int32))
+            buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shape["buffer"])) / 1e9
+            print(f"{env_id}: {env.num_agents} agents {env.agents}, obs {env.obs_dims}, state {env.state_dim}, "
+                  f"actions {env.act_dims}, {env.num_envs} envs x {args.num_seeds} seed(s) on {env.base.device}, JAX "
+                  f"on {jax.default_backend()}; replay buffer {buffer_gb:.2f} GB; compiling", flush=True)  # fmt: skip
+            rs = jax.jit(jax.vmap(train.init))(jnp.asarray(seeds, jnp.int32))
+            act = jax.jit(jax.vmap(train.act, in_axes=(0, 0, 0, None)))
+            learn = jax.jit(jax.vmap(train.learn, in_axes=(0, 0, None)), donate_argnums=0)
+            times = np.zeros(3)  # seconds: training (Isaac Sim steps included), in env.step, evaluating
+
+            def train_and_evaluate(chunk, bar):
+                nonlocal rs, start, times
+                chunk_start, n = time.time(), train.iters_per_chunk
+                rs, metrics, env_time = train_chunk(env, act, learn, rs, start, range(chunk * n, (chunk + 1) * n), bar)
+                train_time = time.time() - chunk_start
+                step = (chunk + 1) * train.steps_per_chunk
+                returns, lengths = evaluate(env, eval_act, rs["learner"]["actor"], seeds, step)
+                start = env.reset()  # training resumes from fresh episodes after the evaluation
+                times += (train_time, env_time, time.time() - chunk_start - train_time)
+                metrics |= {"episodic_return": returns, "episode_length": lengths}
+                return metrics | {"env_share": np.full(args.num_seeds, env_time / train_time)}, rs["learner"]
+
+            try:
+                result = train_loop(run, seeds, train.num_chunks, train.steps_per_chunk, train_and_evaluate)
+            except (Stop, KeyboardInterrupt) as e:
+                return run.stop(e)
+            if args.save_model:
+                save_checkpoint(run.path("model.flax"), rs["learner"]["actor"], result["global_step"], args)
+        summary = {"env_id": env_id, "total_timesteps": result["global_step"], "num_seeds": args.num_seeds}
+        summary |= {"final_eval_return": stats(result["last"]["episodic_return"])}
+        summary |= {"best_eval_return": stats(result["best"]["episodic_return"]), "sps": result["sps"]}
+        summary |= {"eval_only": args.eval_only, "jax_backend": jax.default_backend()}
+        if not args.eval_only:  # where the time went: env steps/s of training alone and the Isaac Sim share of it
+            summary |= {f"{k}_time_s": round(float(t), 2) for k, t in zip(("train", "env", "eval"), times, strict=True)}
+            summary["train_sps"] = round(result["global_step"] / times[0], 1)
+        lines = {"eval (stochastic policy)": ("episodic_return", {}), "training episodes": ("train_return", {})}
+        return run.finish(summary, {"episode return": lines}, f"DDPL on {env_id}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """ddpl_isaaclab.py without Isaac Sim: the env adapter (dicts of torch tensors <-> stacked JAX arrays, auto-reset,
 termination vs time-out, bool handling) and a short training run against tests/isaaclab_standin.py, the masked TD
-error of timed-out transitions, the device check, and the exit-2 message where IsaacLab is not installed."""
+error of timed-out transitions, the device check, and the exit-2 message where IsaacLab is not installed. A training
+run is main(args, env) with the stand-in as env."""
 
 import csv
 import importlib.util
@@ -105,15 +106,15 @@ def test_timed_out_transitions_carry_no_td_error(tmp_path):
     adapter = m.IsaacAdapter(env, num_seeds=1)
     first = adapter.reset()
     args = tiny_args(tmp_path, num_seeds=1, learning_starts=0, updates_per_iteration=1)
-    init, _, learn, _ = m.make_train(args, adapter, 10)
+    train = m.make_train(args, adapter)
     rng = np.random.default_rng(0)
     transitions = {"obs": first["obs"][0], "state": first["state"][0], "next_obs": first["obs"][0]}
     transitions |= {"next_state": first["state"][0], "action": jnp.asarray(rng.uniform(-1, 1, (3, 2, 3)), jnp.float32)}
     transitions |= {"reward": jnp.ones(3), "terminal": jnp.zeros(3)}
     changed = {}
     for flag in (0.0, 1.0):
-        rs = init(0)
-        new, metrics, updated = jax.jit(learn)(rs, transitions | {"truncated": jnp.full(3, flag)}, 0)
+        rs = train.init(0)
+        new, metrics, updated = jax.jit(train.learn)(rs, transitions | {"truncated": jnp.full(3, flag)}, 0)
         assert float(updated) == 1.0 and np.isfinite(np.asarray(metrics)).all()
         changed[flag] = {
             k: any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rs["learner"][k]),
@@ -137,7 +138,7 @@ def test_device_check():
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     _, env = standin(num_envs=6, max_episode_length=4)
-    assert m.train(tiny_args(tmp, save_model=True), env) == 0
+    assert m.main(tiny_args(tmp, save_model=True), env) == 0
     (run_dir,) = (tmp / "runs").iterdir()
     return run_dir, env
 
@@ -172,7 +173,7 @@ def test_eval_only_plays_the_checkpoint(run, tmp_path):
     run_dir, _ = run
     _, env = standin(num_envs=6, max_episode_length=4)
     args = tiny_args(tmp_path, checkpoint=str(run_dir / "model.flax"), eval_only=True, hidden_size=99)
-    assert m.train(args, env) == 0  # the architecture (hidden size 16) comes from the checkpoint
+    assert m.main(args, env) == 0  # the architecture (hidden size 16) comes from the checkpoint
     (out,) = (tmp_path / "runs").iterdir()
     rows = read_rows(out)
     assert [(r["global_step"], r["seed"]) for r in rows] == [("24", "0"), ("24", "1")]
@@ -181,7 +182,7 @@ def test_eval_only_plays_the_checkpoint(run, tmp_path):
 
 def test_bad_input_exits_2_before_writing(tmp_path, capsys):
     _, env = standin(num_envs=6)
-    assert m.train(tiny_args(tmp_path, num_action_samples=1), env) == 2
-    assert m.train(tiny_args(tmp_path, num_envs=2), env) == 2  # the env holds 3 per seed
+    assert m.main(tiny_args(tmp_path, num_action_samples=1), env) == 2
+    assert m.main(tiny_args(tmp_path, num_envs=2), env) == 2  # the env holds 3 per seed
     assert not (tmp_path / "runs").exists()
     assert capsys.readouterr().err.count("error: ") == 2
