@@ -28,8 +28,9 @@ def run_cli(*flags, cwd):
     [
         (["--epochs", "-3"], "--epochs"),
         (["--num-agents-list", "0", "2"], "--num-agents-list"),
-        (["--policy-classes", "exact", "softmax"], "choose from exact, gaussian, diffusion"),
-        (["--noise-schedule", "quadratic"], "choose from linear, cosine, vp"),
+        (["--policy-classes", "exact", "softmax"], "Expected one of ('exact', 'gaussian', 'diffusion')"),  # tyro
+        (["--noise-schedule", "quadratic"], "Expected one of ('linear', 'cosine', 'vp')"),
+        (["--policy-classes"], "--policy-classes"),  # tyro accepts the empty tuple; validate does not
         (["--epochs", "abc"], "--epochs"),  # a tyro parse error, condensed to one line
     ],
 )
