@@ -28,7 +28,7 @@ RUNS = {  # name: (script, flags); each exercises warm-up, updates, two evaluati
     "smax": ("ddpl_smax.py", [*TINY, "--total-timesteps", "1000", "--eval-every", "500", "--num-envs", "4",
                               "--learning-starts", "200", "--num-eval-episodes", "2", "--buffer-size", "2000",
                               "--probe-every", "500", "--save-model"]),
-    "mamujoco": ("ddpl_mamujoco.py", [*TINY, "--task", "Ant-v5|2x4", "--total-timesteps", "600", "--eval-every",
+    "mamujoco": ("ddpl_mamujoco.py", [*TINY, "--task", "Ant-2x4", "--total-timesteps", "600", "--eval-every",
                                       "300", "--num-envs", "2", "--learning-starts", "200", "--num-eval-episodes",
                                       "2", "--max-episode-steps", "50", "--probe-every", "300", "--save-model"]),
     "ablation-mpe": ("ddpl_gaussian_ablation.py", [*TINY, "--env", "mpe", "--compare", "--total-timesteps", "1000",
