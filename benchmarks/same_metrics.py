@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = {"sps", "wall_time", "wall_time_s"}
+TIMING = {"sps", "wall_time", "wall_time_s", "env_share", "train_time_s", "env_time_s", "eval_time_s", "train_sps"}
 TINY = ["--num-seeds", "2", "--batch-size", "32", "--hidden-size", "32", "--num-diffusion-steps", "4"]
 RUNS = {  # name: (script, flags); each exercises warm-up, updates, two evaluations and the script's modes
     "mpe": ("ddpl_mpe.py", [*TINY, "--total-timesteps", "2000", "--eval-every", "1000", "--num-envs", "4",
