@@ -639,7 +639,8 @@ def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_
             probes["actions"].append(np.asarray(probe_fn()))
 
     take_probe(0)
-    desc = ", ".join([*map(str, labels.values()), f"{len(seeds)} seed(s)"])
+    tag = ", ".join(f"{k} {v}" for k, v in labels.items())  # the ablation's policy class (and N on the toy)
+    desc = ", ".join([*([tag] if tag else []), f"{len(seeds)} seed(s)"])
     with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
         for chunk in range(chunks):
             metrics, learner = chunk_fn(chunk, bar)
@@ -647,7 +648,7 @@ def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_
             global_step, elapsed = (chunk + 1) * steps, time.time() - start
             run.log(global_step, seeds, metrics, global_step / elapsed, elapsed, **labels)
             if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
-                raise Stop(f"diverged at env step {global_step}: {reason}")
+                raise Stop(f"{tag + ': ' if tag else ''}diverged at env step {global_step}: {reason}")
             best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
             take_probe(global_step)
             bar.update(global_step - bar.n)

@@ -24,7 +24,7 @@ import ddpl_gaussian_ablation as abl  # noqa: E402
 
 def main() -> int:
     sys.argv = [sys.argv[0], "--env", "toy", *sys.argv[1:]]
-    args = abl.parse_args()
+    args = abl.parse_cli()
     if error := abl.validate(args):
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -38,17 +38,17 @@ def main() -> int:
 
     q_on_grid = jax.jit(jax.vmap(q_on_grid, (0, None)))
     for policy in ("diffusion", "gaussian"):
-        init, train_chunk, _, _, probe, steps_per_chunk, num_chunks = abl.make_train(args, env, policy)
-        rs = jax.jit(jax.vmap(init))(seeds)
-        train_chunk, probe = jax.jit(jax.vmap(train_chunk, in_axes=(0, None))), jax.jit(jax.vmap(probe))
+        train = abl.make_train(args, env, policy)
+        rs = jax.jit(jax.vmap(train.init))(seeds)
+        train_chunk, probe = jax.jit(jax.vmap(train.chunk, in_axes=(0, None))), jax.jit(jax.vmap(train.probe))
         print(f"\n{policy}, {args.num_seeds} seeds (one value per seed)")
-        for chunk in range(num_chunks):
+        for chunk in range(train.num_chunks):
             rs, _ = train_chunk(rs, jnp.int32(chunk))
             q_s0, q_goal = (np.asarray(q_on_grid(rs["learner"]["critic"], pos)) for pos in (0, 1))
             actions = np.asarray(probe(rs["learner"]["actor"], seeds))[:, 0, :, 0]  # (seed, sample) at s0
             window = (np.abs(actions - abl.TOY["a_star"]) <= abl.TOY["delta"]).mean(axis=1)
             best_goal_action = np.round(np.asarray(grid)[q_goal.argmax(axis=1)], 2)
-            print(f"  {(chunk + 1) * steps_per_chunk:>6} steps: Q(s0, 0) {np.round(q_s0[:, 20], 2)}  "
+            print(f"  {(chunk + 1) * train.steps_per_chunk:>6} steps: Q(s0, 0) {np.round(q_s0[:, 20], 2)}  "
                   f"Q(s0, a*) {np.round(q_s0[:, 36], 2)}  max_a Q(goal, a) {np.round(q_goal.max(axis=1), 2)} "
                   f"at a = {best_goal_action}  mass near a* {np.round(window, 3)}")  # fmt: skip
     return 0

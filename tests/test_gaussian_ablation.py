@@ -2,6 +2,8 @@
 reverse-KL step's mode seeking (the paper's failure mode in miniature) against the forward fit's mass covering."""
 
 import csv
+import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -95,10 +97,10 @@ def test_forward_projection_on_smax(runs):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--env", "mujoco"], "--env: unknown 'mujoco'; choose from mpe, smax, toy"),
+        (["--env", "mujoco"], "'mujoco' for argument '--env'. Expected one of ('mpe', 'smax', 'toy')"),
         (["--env", "toy", "--toy-agents", "0"], "--toy-agents must be numbers of agents >= 1"),
-        (["--projection", "sideways"], "choose from reverse, forward"),
-        (["--policy", "beta"], "choose from gaussian, diffusion"),
+        (["--projection", "sideways"], "Expected one of ('reverse', 'forward')"),
+        (["--policy", "beta"], "Expected one of ('gaussian', 'diffusion')"),
         (["--env", "smax", "--map", "1z_vs_1z"], "valid maps: 10m_vs_11m"),
         (["--env-id", "MPE_nonsense"], "valid ids: MPE_simple_v3"),
         (["--probe-every", "30000"], "--probe-every must be 0 or a multiple of the chunk (20000"),
@@ -111,6 +113,22 @@ def test_bad_input_exits_2_with_one_line(tmp_path, flags, expected):
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and expected in lines[0], res.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "script, name",
+    [
+        ("ddpl_mpe", "is_continuous_mpe"),
+        ("ddpl_mpe", "valid_env_ids"),
+        ("ddpl_mpe", "MPEArrays"),
+        ("ddpl_smax", "SMAXArrays"),
+        ("ddpl_smax", "alive_issm_weights"),
+    ],
+)
+def test_env_glue_is_the_ddpl_scripts_text(script, name):
+    """The MPE and SMAX glue are the DDPL scripts' own text (MPEGlue adapts MPE's), so the copies cannot drift."""
+    source = inspect.getsource(getattr(importlib.import_module(script), name))
+    assert inspect.getsource(getattr(abl, name)) == source, f"{name} differs from {script}.py's"
 
 
 MODES, MODE_WIDTH = (-0.5, 0.5), 0.15
@@ -185,10 +203,10 @@ def test_toy_compare_reports_success_per_class_and_number_of_agents(runs):
 
 def test_env_toy_takes_the_toy_defaults_and_flags_still_win(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ddpl_gaussian_ablation.py", "--env", "toy", "--total-timesteps", "300"])
-    args = abl.parse_args()
+    args = abl.parse_cli()
     assert args.total_timesteps == 300 and args.hidden_size == abl.TOY_DEFAULTS.hidden_size != abl.Args().hidden_size
     monkeypatch.setattr(sys, "argv", ["ddpl_gaussian_ablation.py", "--env=mpe"])
-    assert abl.parse_args() == abl.Args()
+    assert abl.parse_cli() == abl.Args()
 
 
 def test_toy_game_is_toy_failure_mode_s_game():
