@@ -103,7 +103,7 @@ class Args:
     num_diffusion_steps: int = 20
     """K: denoising steps of the diffusion policies (Table 3)"""
     noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
-    """ours: cosine, as the DDPL scripts; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide"""
+    """beta schedule (ours: cosine, as the DDPL scripts; Table 3's linear 0.001->0.999 makes narrow policies wide)"""
     eta: float = 1.0
     """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3), for both classes"""
     num_action_samples: int = 4

@@ -86,7 +86,7 @@ class Args:
     num_diffusion_steps: int = 20
     """K: denoising steps of every policy (Table 3)"""
     noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
-    """ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide"""
+    """beta schedule of every policy (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
     eta: float = 1.0
     """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
     num_action_samples: int = 4
