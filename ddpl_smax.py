@@ -817,7 +817,9 @@ def main(args: Args) -> int:
         chunk_fn = jax.jit(jax.vmap(train.chunk, (0, None)), in_shardings=(lanes, whole), out_shardings=lanes,
                            donate_argnums=0).lower(rs, jnp.int32(0)).compile()  # fmt: skip
         critic_value, probe = jax.jit(jax.vmap(train.critic_value)), jax.jit(jax.vmap(train.probe))
-        print(f"compiled in {time.time() - run.start:.0f} s; {train.num_chunks} chunks x {train.steps_per_chunk} steps")
+        devices = {d for leaf in jax.tree.leaves(rs) for d in leaf.devices()}  # where the training state lives
+        print(f"compiled in {time.time() - run.start:.0f} s; runner state on {len(devices)} device(s); "
+              f"{train.num_chunks} chunks x {train.steps_per_chunk} steps")  # fmt: skip
 
         def train_and_evaluate(chunk, bar):
             nonlocal rs
