@@ -543,20 +543,19 @@ def evaluate(env: IsaacAdapter, eval_act, actor, seeds: list[int], global_step: 
     return np.asarray(ret.mean(axis=1)), np.asarray(length.mean(axis=1))
 
 
-# TRY NOT TO MODIFY: logging, saving, evaluation-only and the summary
+# TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
 # --- plumbing: begin ---
-# Identical text in every ddpl_*.py (tests/test_core_identity.py): command line, checkpoints, run folder, the loop over
-# chunks with its divergence guard, figures. A script may leave a part unused (the ablation saves no model).
+# Identical text in every ddpl_*.py (tests/test_core_identity.py); a script may leave a part unused.
 def parse_args(**kwargs) -> "Args":
-    """tyro.cli(Args), with tyro's boxed multi-line errors condensed to one line on stderr (exit 2)."""
+    """tyro.cli(Args), with tyro's boxed error condensed to one line on stderr (exit 2)."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             return tyro.cli(Args, **kwargs)
     except SystemExit as e:
-        if e.code:
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
-            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+        if e.code:  # the box's first paragraph
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:] + [""]
+            message = " ".join(lines[: lines.index("")]) or "invalid command line"
             print(f"error: {message} (see --help)", file=sys.stderr)
         raise
 
@@ -608,8 +607,8 @@ class Stop(Exception):
 
 
 class RunFolder:
-    """runs/<run_name>/: config.json at once, metrics.csv (and W&B, a run per seed) row by row, summary.json last: its
-    presence marks a complete run. log()'s `labels` are extra columns (e.g. the policy class) that name W&B runs."""
+    """runs/<run_name>/: config.json at once, metrics.csv and W&B row by row, summary.json last: its presence marks a
+    complete run. log()'s `labels` are extra columns (the ablation's policy class) that also name the W&B runs."""
 
     def __init__(self, args: "Args", env_id: str, columns: tuple[str, ...]):
         self.args, self.start, self.rows, self.wandb = args, time.time(), [], {}
@@ -633,7 +632,7 @@ class RunFolder:
             self.rows.append(row)
             if self.args.track:
                 self.wandb_run(seed, labels).log(
-                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
+                    {k: v for k, v in row.items() if v != "" and k not in labels}, global_step
                 )
         self.file.flush()
 
@@ -653,7 +652,7 @@ class RunFolder:
         return 1 if isinstance(e, Stop) else 130
 
     def finish(self, summary: dict, panels: dict, title: str) -> int:
-        """Draws the learning curve (plot_curve's panels), then writes summary.json."""
+        """Draws the learning curve (plot_curve's panels), then writes summary.json and prints the final_* results."""
         self.file.close()
         plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
         summary = {"script": os.path.basename(__file__), **summary, "wall_time_s": round(time.time() - self.start, 2)}
@@ -671,18 +670,13 @@ class RunFolder:
 
 def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_fn, probe_fn=None, **labels) -> dict:
     """chunk_fn(chunk, bar) -> (metrics of per-seed arrays, learner) trains `steps` env steps per seed, then evaluates.
-    Logs every chunk, stops on divergence, draws probe_fn() (--probe-every) at step 0 and every --probe-every steps.
+    Logs every chunk, stops on divergence, takes probe_fn() (--probe-every) at step 0 and every --probe-every steps.
     Returns the last and the best metrics (highest mean eval return: Table 1's statistic), sps, step and probes."""
     from tqdm import tqdm
 
-    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {"steps": [], "actions": []}
-
-    def take_probe(global_step: int):
-        if probe_fn is not None and global_step % run.args.probe_every == 0:
-            probes["steps"].append(global_step)
-            probes["actions"].append(np.asarray(probe_fn()))
-
-    take_probe(0)
+    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {}
+    if probe_fn is not None:
+        probes[0] = np.asarray(probe_fn())
     tag = ", ".join(f"{k} {v}" for k, v in labels.items())  # the ablation's policy class (and N on the toy)
     desc = ", ".join([*([tag] if tag else []), f"{len(seeds)} seed(s)"])
     with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
@@ -694,30 +688,21 @@ def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_
             if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
                 raise Stop(f"{tag + ': ' if tag else ''}diverged at env step {global_step}: {reason}")
             best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
-            take_probe(global_step)
+            if probe_fn is not None and global_step % run.args.probe_every == 0:
+                probes[global_step] = np.asarray(probe_fn())
             bar.update(global_step - bar.n)
-            bar.set_postfix(
-                {
-                    n: f"{metrics[k].mean():.2f}"
-                    for n, k in (("eval", "episodic_return"), ("win", "win_rate"))
-                    if k in metrics
-                }
-            )
-    probes = {"steps": probes["steps"], "actions": np.stack(probes["actions"])} if probes["steps"] else None
-    return {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step} | {
-        "probes": probes
-    }
+            shown = {"eval": "episodic_return", "win": "win_rate"}
+            bar.set_postfix({name: f"{metrics[k].mean():.2f}" for name, k in shown.items() if k in metrics})
+    result = {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step}
+    return result | {"probes": {"steps": list(probes), "actions": np.stack(list(probes.values()))} if probes else None}
 
 
 def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
     """panels: {y label: {line label: (column, {column: value} the rows must match)}}; mean and std over seeds."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no backend, no global state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (ylabel, lines) in zip(axes[0], panels.items(), strict=True):
+    fig = Figure(figsize=(5.5 * len(panels), 4), layout="tight")
+    for ax, (ylabel, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True):
         for (label, (column, where)), color in zip(lines.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
             rows_in = [r for r in rows if all(r[k] == v for k, v in where.items())]
             steps = sorted({r["global_step"] for r in rows_in})
@@ -731,34 +716,26 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
         ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
     """Fig. 4 right analogue: per entry of `probes` and probe step, agents 0 and 1's actions (dims `dims`), seed 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     steps = next(iter(probes.values()))["steps"]
-    fig, axes = plt.subplots(len(probes), len(steps), figsize=(2.6 * len(steps), 2.6 * len(probes)), squeeze=False)
+    fig = Figure(figsize=(2.6 * len(steps), 2.6 * len(probes)), layout="tight")
+    axes = fig.subplots(len(probes), len(steps), squeeze=False)
     for row, (label, probe) in enumerate(probes.items()):
         for col, step in enumerate(steps):
             for agent, color in ((0, "tab:blue"), (1, "tab:red")):
-                a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)]
-                axes[row][col].scatter(
-                    a[:, dims[0]], a[:, dims[1]], s=2, alpha=0.3, color=color, label=f"agent {agent}"
-                )
+                a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)][:, list(dims)]
+                axes[row][col].scatter(*a.T, s=2, alpha=0.3, color=color, label=f"agent {agent}")
             axes[row][col].set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
             axes[row][col].set_title(f"{label}, {step:,} steps", fontsize=8)
     axes[0][0].legend(fontsize=7, markerscale=4)
     fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- plumbing: end ---
