@@ -92,11 +92,9 @@ class Args:
     num_action_samples: int = 4
     """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
     issm_batch_size: int = 0
-    """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
-    0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
+    """B_p: states whose M proposals train the ISSM step (ours; the critic uses all B); 0: batch_size // M"""
     weight_rule: Literal["state", "batch", "raw"] = "state"
-    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
-    batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
+    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): each state's std, one running scale, or none"""
     target_ess: float = 0.0
     """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
     reward_scale: float = 1.0
@@ -153,9 +151,8 @@ class MPEArrays:
         return self.stack_obs(obs), state
 
     def step(self, key, state, action):
-        """One step of one env -> (next_obs, obs, state, reward, done). next_obs is the true successor (for the
-        buffer), obs what the policies see next: the reset observation where the episode ended. env.step would lose
-        the terminal observation, so we call step_env and reset with env.step's own key split (tests/test_mpe.py)."""
+        """One env step -> (next_obs: the true successor, for the buffer; obs: what the policies see next, the reset
+        observation where the episode ended; state, reward, done). step_env + reset: env.step drops the terminal obs."""
         env_action = {  # learner actions in [-1, 1] mapped affinely onto the box (MPE: [0, 1])
             a: lo + 0.5 * (action[i, :d] + 1.0) * (hi - lo)
             for i, (a, d, lo, hi) in enumerate(zip(self.agents, self.act_dims, self.low, self.high, strict=True))
@@ -460,9 +457,8 @@ def make_train(args: Args, env: MPEArrays):
         return rs, metrics | {"train_return": jnp.where(ep_count > 0, ep_sum / ep_count, jnp.nan)}
 
     def evaluate(actor, seed, global_step):
-        """Mean return (over agents) of --num-eval-episodes episodes, stochastic policy (Sec. 5); for the critic
-        check the mean discounted return sum_t gamma^t reward_scale r_t and the first states and actions. The key
-        depends only on (seed, global_step), so --eval-only on a saved model reproduces the numbers."""
+        """Mean return over agents and --num-eval-episodes episodes (stochastic policy, Sec. 5), the discounted return
+        and the first states and actions (the critic check). The key depends only on (seed, global_step)."""
         key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
         obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
 
