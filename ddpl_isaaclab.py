@@ -1,13 +1,10 @@
 """DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on IsaacLab's bimanual Shadow Hand.
 
-Two agents, the right and the left hand of Isaac-Shadow-Hand-Over-Direct-v0 (a DirectMARLEnv), each act with their
-own DDPM policy on their own observation; twin averaged-Q critics Qbar_i(s, a_i) on the env's state() and the agent's
-own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by importance-sampling score matching
-(ISSM, eq. 2). Isaac Sim steps thousands of envs on the GPU in torch; the env loop is Python, tensors cross between
-torch and JAX by DLPack (no host copies), and action selection, the replay buffer and the updates are jitted, with
-seeds and agents vmapped. Isaac Sim needs an RTX-class NVIDIA GPU: on other machines the script exits with code 2.
-`main(args, env)` takes any object with the DirectMARLEnv surface (tests/ use a torch stand-in).
-Flags, install steps, metrics and what was verified: docs/ddpl_isaaclab.md.
+The two hands of Isaac-Shadow-Hand-Over-Direct-v0 each have a DDPM policy and twin averaged-Q critics Qbar_i(s, a_i),
+and move toward pi^t exp(eta Qbar_i) by ISSM (eq. 2). Isaac Sim steps the envs on the GPU in torch; tensors cross to
+JAX by DLPack; acting, the replay buffer and the updates are jitted, seeds and agents vmapped. Without Isaac Sim (an
+RTX-class NVIDIA GPU) the script exits 2; `main(args, env)` takes any DirectMARLEnv-like env (tests: a torch
+stand-in). Install steps, metrics and what was verified: docs/ddpl_isaaclab.md.
 """
 
 import os
@@ -99,11 +96,9 @@ class Args:
     num_action_samples: int = 4
     """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
     issm_batch_size: int = 0
-    """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
-    0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
+    """B_p: batch states whose M proposals train the ISSM step (ours); 0: batch_size // num_action_samples (docs)"""
     weight_rule: Literal["state", "batch", "raw"] = "state"
-    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
-    batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
+    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): each state's std, one running scale, or none"""
     target_ess: float = 0.0
     """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
     reward_scale: float = 1.0
@@ -139,26 +134,23 @@ def isaac_sim(args: Args):
 
 def check_devices(env) -> str | None:
     """JAX must sit on the GPU that the env's tensors live on, else DLPack cannot share them: None when it does."""
-    device = str(getattr(env, "unwrapped", env).device)
-    if device.startswith("cuda") and jax.default_backend() != "gpu":
-        return (f"the env's tensors are on {device} but JAX runs on {jax.default_backend()} (devices {jax.devices()}): "
-                "install JAX's CUDA build (pip install 'jax[cuda12]==0.5.3', docs/ddpl_isaaclab.md)")  # fmt: skip
+    device, backend = str(getattr(env, "unwrapped", env).device), jax.default_backend()
+    if device.startswith("cuda") and backend != "gpu":
+        hint = "install JAX's CUDA build (pip install 'jax[cuda12]==0.5.3', docs/ddpl_isaaclab.md)"
+        return f"the env's tensors are on {device} but JAX runs on {backend} (devices {jax.devices()}): {hint}"
     return None
 
 
 def to_jax(tensor) -> jax.Array:
-    """A torch tensor as a JAX array through DLPack: no copy on the same device. Bools become float32 first (DLPack
-    import of bool tensors is not supported everywhere); non-contiguous views become contiguous on their device."""
+    """A torch tensor as a JAX array through DLPack, no copy on the same device (bools become float32 first)."""
     if not tensor.dtype.is_floating_point:
         tensor = tensor.float()
     return jax.dlpack.from_dlpack(tensor.contiguous())
 
 
 class IsaacAdapter:
-    """A DirectMARLEnv with num_seeds x E envs as per-seed stacked arrays: observations (seed, E, N, D) zero-padded
-    to the largest agent's D, state (seed, E, S), learner actions (seed, E, N, A) in [-1, 1] (padding dropped).
-    step() reports "terminal" (an agent's `terminated`: the ball fell), "truncated" (a time-out without termination)
-    and "done"; IsaacLab resets finished envs inside step(), so their s' is the next episode's first state."""
+    """A DirectMARLEnv of num_seeds x E envs as per-seed stacked arrays: observations (seed, E, N, D) zero-padded,
+    state (seed, E, S), actions (seed, E, N, A) in [-1, 1]. IsaacLab resets finished envs inside step()."""
 
     def __init__(self, env, num_seeds: int, num_envs: int | None = None):
         import torch
@@ -204,8 +196,8 @@ class IsaacAdapter:
         actions = {a: actions[i, :, :d] for i, (a, d) in enumerate(zip(self.agents, self.act_dims, strict=True))}
         obs, rewards, terminated, time_outs, _ = self.env.step(actions)
         reward = self._agents(rewards).mean(axis=0)  # the team reward: the hands' mean (the over task gives both one)
-        terminal, time_out = self._agents(terminated).max(axis=0), self._agents(time_outs).max(axis=0)
-        truncated = time_out * (1.0 - terminal)
+        terminal, time_out = self._agents(terminated).max(axis=0), self._agents(time_outs).max(axis=0)  # any agent's
+        truncated = time_out * (1.0 - terminal)  # a time-out without termination (the ball fell: terminal)
         out = {"reward": reward, "terminal": terminal, "truncated": truncated, "done": jnp.maximum(terminal, truncated)}
         return {"obs": self._obs(obs), "state": self._state()} | {k: self._lanes(v) for k, v in out.items()}
 
@@ -384,9 +376,7 @@ class TwinCritic(nn.Module):
 
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once (Isaac Sim), then U updates of every agent (jitted).
 def make_train(args: Args, env: IsaacAdapter):
-    """Per-seed functions that main jits and vmaps over seeds (train_chunk runs the env loop between them):
-    init(seed) -> runner state; act(actor, key, obs, iteration) -> (key, actions); learn(runner state, transitions,
-    iteration) -> (runner state, update metrics, updated or not); policy(actor, obs, key) -> actions."""
+    """Per-seed init, act, learn and policy (main jits and vmaps them over seeds), and the chunking."""
     N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
     E, B, M = env.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
@@ -428,8 +418,7 @@ def make_train(args: Args, env: IsaacAdapter):
         return key, action
 
     def update_agent(p, mine, shared, key):
-        """One critic step and one ISSM step of one agent (vmapped over agents). p: its parameters and optimiser
-        states; mine: its own o_i, a_i, o_i' (B rows each); shared: s, s', the team reward, terminal and truncated."""
+        """Critic and ISSM step of one agent (vmapped); mine: o_i, a_i, o_i'; shared: s, s', r, terminal, truncated."""
         k_next, k_prop, k_dsm = jax.random.split(key, 3)
         # Averaged-Q critic (Alg. 2, line 5): state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
         next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
@@ -488,8 +477,8 @@ def make_train(args: Args, env: IsaacAdapter):
         no_updates = lambda rs: (rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0))  # noqa: E731
         return jax.lax.cond(do_learn, updates, no_updates, rs)
 
-    return SimpleNamespace(init=init, act=act, learn=learn, policy=policy, iters_per_chunk=iters_per_chunk,
-                           steps_per_chunk=iters_per_chunk * E, num_chunks=num_chunks)  # fmt: skip
+    chunking = {"iters_per_chunk": iters_per_chunk, "steps_per_chunk": iters_per_chunk * E, "num_chunks": num_chunks}
+    return SimpleNamespace(init=init, act=act, learn=learn, policy=policy, **chunking)
 
 
 @jax.jit
@@ -500,8 +489,7 @@ def track_episodes(ep, reward, done):
 
 
 def train_chunk(env: IsaacAdapter, act, learn, rs: dict, start: dict, iterations: range, bar):
-    """The Python env loop from start = {"obs", "state"}: per iteration the jitted act, one step of all envs, the
-    jitted learn. -> (rs, update metrics and train_return per seed, seconds spent in env.step)."""
+    """The Python env loop from start = {"obs", "state"} -> (rs, metrics per seed, seconds spent in env.step)."""
     obs, state, env_time, updates = start["obs"], start["state"], 0.0, []
     zeros = jnp.zeros((env.num_seeds, env.num_envs))
     ep = {"ret": zeros, "sum": zeros[:, 0], "count": zeros[:, 0]}  # training episodes: running and finished returns
@@ -527,9 +515,7 @@ def train_chunk(env: IsaacAdapter, act, learn, rs: dict, start: dict, iterations
 
 
 def evaluate(env: IsaacAdapter, eval_act, actor, seeds: list[int], global_step: int):
-    """Mean return and length of the first episode of every env (stochastic policy, Sec. 5), from a fresh reset.
-    Isaac Sim hosts one set of envs: evaluation borrows the training envs. Action keys depend only on (seed,
-    global_step); Isaac Sim's physics need not be bit-reproducible on a GPU."""
+    """Mean return and length of the first episode of every (training) env from a reset, stochastic policy (Sec. 5)."""
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), global_step) for s in seeds])
     obs = env.reset()["obs"]
     shape = (len(seeds), env.num_envs)
@@ -742,7 +728,7 @@ def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
 
 
 def validate(args: Args) -> str | None:
-    """A one-line description of the first invalid flag tyro cannot check, or None. Runs before anything is written."""
+    """The first invalid flag that tyro cannot check, as one line, or None. Runs before anything is written."""
     if not 0 <= args.issm_batch_size <= args.batch_size:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if not 0 <= args.target_ess < 1:
@@ -767,8 +753,8 @@ def validate(args: Args) -> str | None:
 
 
 def main(args: Args, env=None) -> int:
-    """Trains (or evaluates --checkpoint) on `env`, an object with the DirectMARLEnv surface holding --num-seeds x
-    --num-envs envs (tests pass a torch stand-in); None launches Isaac Sim and builds --task (exit 2 without it)."""
+    """Trains (or evaluates --checkpoint) on `env`, DirectMARLEnv-like with --num-seeds x --num-envs envs (the tests'
+    torch stand-in); None launches Isaac Sim and builds --task (exit 2 without it)."""
     with contextlib.ExitStack() as isaac:  # closes the env and Isaac Sim on the way out
         try:
             args, ckpt = load_checkpoint(args, POLICY_FIELDS)  # --eval-only: task and architecture from the checkpoint
@@ -783,8 +769,9 @@ def main(args: Args, env=None) -> int:
         run = RunFolder(args, env_id, METRICS)
         start = env.reset()  # the state's size is known after the first reset
         train, seeds = make_train(args, env), list(range(args.seed, args.seed + args.num_seeds))
-        eval_act = jax.jit(jax.vmap(lambda actor, obs, key, t: train.policy(actor, obs, jax.random.fold_in(key, t)),
-                                    in_axes=(0, 0, 0, None)))  # fmt: skip
+        eval_act = jax.jit(
+            jax.vmap(lambda p, o, key, t: train.policy(p, o, jax.random.fold_in(key, t)), (0, 0, 0, None))
+        )
         if args.eval_only:
             step = int(ckpt["global_step"])
             returns, lengths = evaluate(env, eval_act, ckpt["actor"], seeds, step)
@@ -795,9 +782,9 @@ def main(args: Args, env=None) -> int:
         else:
             shape = jax.eval_shape(jax.vmap(train.init), jnp.asarray(seeds, jnp.int32))
             buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shape["buffer"])) / 1e9
-            print(f"{env_id}: {env.num_agents} agents {env.agents}, obs {env.obs_dims}, state {env.state_dim}, "
-                  f"actions {env.act_dims}, {env.num_envs} envs x {args.num_seeds} seed(s) on {env.base.device}, JAX "
-                  f"on {jax.default_backend()}; replay buffer {buffer_gb:.2f} GB; compiling", flush=True)  # fmt: skip
+            dims = f"agents {env.agents}, obs {env.obs_dims}, state {env.state_dim}, actions {env.act_dims}"
+            where = f"{env.num_envs} envs x {args.num_seeds} seeds on {env.base.device}, JAX on {jax.default_backend()}"
+            print(f"{env_id}: {dims}, {where}; replay buffer {buffer_gb:.2f} GB; compiling", flush=True)
             rs = jax.jit(jax.vmap(train.init))(jnp.asarray(seeds, jnp.int32))
             act = jax.jit(jax.vmap(train.act, in_axes=(0, 0, 0, None)))
             learn = jax.jit(jax.vmap(train.learn, in_axes=(0, 0, None)), donate_argnums=0)

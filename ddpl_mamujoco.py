@@ -1,10 +1,9 @@
 """DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on Multi-Agent MuJoCo (MaMuJoCo).
 
-Every agent (a group of joints) acts with its own DDPM policy; twin averaged-Q critics Qbar_i(s, a_i) on the env's
-state and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by
-importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. MuJoCo steps in numpy, so the env
-loop is Python (every seed's envs in this process); acting, the replay buffer and the updates are jitted, with seeds
-and agents vmapped. Details: docs/ddpl_mamujoco.md.
+Every agent (a group of joints) has its own DDPM policy and twin averaged-Q critics Qbar_i(s, a_i) learned by TD, and
+moves toward pi^t exp(eta Qbar_i) by importance-sampling score matching (ISSM, eq. 2). MuJoCo steps in numpy, so the
+env loop is Python; acting, the replay buffer and the updates are jitted, seeds and agents vmapped. Details:
+docs/ddpl_mamujoco.md.
 """
 
 import contextlib
@@ -40,28 +39,26 @@ UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_e
 METRICS = ("episodic_return", "episode_length", "train_return", "q_first", "disc_return", *UPDATE_METRICS, "env_share")
 PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
 # what a checkpoint fixes: the policy's inputs and architecture, and the episode that --eval-only plays
-POLICY_FIELDS = (
-    "task", "local_obs", "symlog_obs", "max_episode_steps", "hidden_size", "num_diffusion_steps", "noise_schedule",
-)  # fmt: skip
+POLICY_FIELDS = tuple(
+    "task local_obs symlog_obs max_episode_steps hidden_size num_diffusion_steps noise_schedule".split()
+)
 PAPER_TASKS = ("Ant-2x4", "Ant-4x2", "Ant-8x1", "HumanoidStandup-17x1")
 # gymnasium-robotics 1.4.2's partitions (obsk.get_parts_and_edges) but CoupledHalfCheetah-1p1, which it fails to build
-LIBRARY_PARTITIONS = {
-    "Ant": ("2x4", "2x4d", "4x2"), "HalfCheetah": ("2x3", "6x1"), "Hopper": ("3x1",), "Humanoid": ("9|8",),
-    "HumanoidStandup": ("9|8",), "Pusher": ("3p",), "Reacher": ("2x1",), "Swimmer": ("2x1",), "Walker2d": ("2x3",),
-}  # fmt: skip
-# One joint per agent (the library has none): HARL's joint order, built from the nodes of the partition named first;
-# agent i controls joint i (docs/ddpl_mamujoco.md, "One joint per agent")
+LIBRARY_TASKS = tuple(
+    "Ant-2x4 Ant-2x4d Ant-4x2 HalfCheetah-2x3 HalfCheetah-6x1 Hopper-3x1 Humanoid-9|8 HumanoidStandup-9|8 Pusher-3p "
+    "Reacher-2x1 Swimmer-2x1 Walker2d-2x3".split()
+)
+# One joint per agent (the library has none): agent i drives joint i of HARL's order, from the nodes of the partition
+# named first (docs/ddpl_mamujoco.md, "One joint per agent")
+HUMANOID_JOINTS = tuple(
+    "left_shoulder1 left_shoulder2 abdomen_x abdomen_y abdomen_z right_shoulder1 right_shoulder2 right_elbow"
+    " left_elbow left_hip_x left_hip_y left_hip_z right_hip_x right_hip_y right_hip_z right_knee left_knee".split()
+)
 ONE_JOINT_PER_AGENT = {
     "Ant-8x1": ("4x2", ("hip1", "ankle1", "hip2", "ankle2", "hip3", "ankle3", "hip4", "ankle4")),
-    **{
-        f"{scenario}-17x1": ("9|8", (
-            "left_shoulder1", "left_shoulder2", "abdomen_x", "abdomen_y", "abdomen_z", "right_shoulder1",
-            "right_shoulder2", "right_elbow", "left_elbow", "left_hip_x", "left_hip_y", "left_hip_z", "right_hip_x",
-            "right_hip_y", "right_hip_z", "right_knee", "left_knee",
-        ))
-        for scenario in ("Humanoid", "HumanoidStandup")
-    },
-}  # fmt: skip
+    "Humanoid-17x1": ("9|8", HUMANOID_JOINTS),
+    "HumanoidStandup-17x1": ("9|8", HUMANOID_JOINTS),
+}
 DEFAULT_REWARD_SCALE = {"HumanoidStandup": 0.01}  # --reward-scale unless given (docs/ddpl_mamujoco.md)
 
 
@@ -90,8 +87,7 @@ class Args:
 
     # Algorithm specific arguments
     task: str = "Ant-2x4"
-    """<scenario>-<partition>: the paper's Ant-2x4, Ant-4x2, Ant-8x1, HumanoidStandup-17x1, or any other one the
-    library builds (an unknown one exits 2 and lists them)"""
+    """<scenario>-<partition>: Ant-2x4, Ant-4x2, Ant-8x1, HumanoidStandup-17x1 (the paper's) or any the library has"""
     local_obs: bool = False
     """agents see MaMuJoCo's per-agent partial observations; default: HARL's full observation plus a one-hot agent id"""
     symlog_obs: bool = True
@@ -129,11 +125,9 @@ class Args:
     num_action_samples: int = 4
     """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
     issm_batch_size: int = 0
-    """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
-    0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
+    """B_p: batch states whose M proposals train the ISSM step (ours); 0: batch_size // num_action_samples (docs)"""
     weight_rule: Literal["state", "batch", "raw"] = "state"
-    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
-    batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
+    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): each state's std, one running scale, or none"""
     target_ess: float = 0.0
     """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
     reward_scale: float | None = None
@@ -147,28 +141,22 @@ class Args:
 
 
 # ALGO LOGIC: environment glue. num_envs MuJoCo envs in numpy; per-agent observations are gathered on the device.
-def split_task(task: str) -> tuple[str, str]:
-    scenario, _, partition = task.partition("-")
-    return scenario, partition
-
-
 def known_partition(task: str) -> bool:
     """A task the library's graph code knows: a built-in partition, ManySegment*-<agents>x<segments>, or ours."""
     try:
-        return task in ONE_JOINT_PER_AGENT or len(get_parts_and_edges(*split_task(task))[0]) > 0
+        return task in ONE_JOINT_PER_AGENT or len(get_parts_and_edges(*task.split("-", 1))[0]) > 0
     except Exception:
         return False
 
 
 def valid_tasks() -> list[str]:
-    built_in = [f"{s}-{p}" for s, parts in LIBRARY_PARTITIONS.items() for p in parts if known_partition(f"{s}-{p}")]
     many = ["ManySegmentAnt-<agents>x<segments>", "ManySegmentSwimmer-<agents>x<segments>"]
-    return sorted(built_in + list(ONE_JOINT_PER_AGENT)) + many
+    return sorted(task for task in (*LIBRARY_TASKS, *ONE_JOINT_PER_AGENT) if known_partition(task)) + many
 
 
 def make_library_env(task: str, **env_kwargs):
     """mamujoco_v1.parallel_env for a task; one-joint-per-agent tasks get HARL's partition as agent_factorization."""
-    scenario, partition = split_task(task)
+    scenario, partition = task.split("-", 1)
     if task not in ONE_JOINT_PER_AGENT:
         return mamujoco_v1.parallel_env(scenario, partition, **env_kwargs)
     reference, labels = ONE_JOINT_PER_AGENT[task]
@@ -184,12 +172,8 @@ def env_seed(*entropy: int) -> int:
 
 
 class MaMuJoCo:
-    """num_envs copies of one MaMuJoCo task in this process: states (E, S), learner actions in [-1, 1]^(E, N, A).
-
-    We step the library's underlying gymnasium task (`single_agent_env`), whose observation is the library's state(),
-    and gather every agent's observation from it on the device (`observe`) instead of calling the library's slow
-    observation builder (docs/ddpl_mamujoco.md, "Fast step"). Agents' action and observation dims are zero-padded.
-    """
+    """num_envs copies of a task: states (E, S), learner actions in [-1, 1]^(E, N, A), agents' dims zero-padded.
+    Steps the library's underlying gymnasium env and gathers observations from its state (docs: "Fast step")."""
 
     def __init__(self, task: str, num_envs: int, local_obs: bool, **env_kwargs):  # env_kwargs go to gymnasium.make
         self.envs = [make_library_env(task, **env_kwargs) for _ in range(num_envs)]
@@ -226,8 +210,7 @@ class MaMuJoCo:
         return extended[..., self.obs_index]
 
     def check_local_obs(self, steps: int = 10):
-        """Refuses --local-obs where the gather differs from the library's builder over a few random steps (Reacher,
-        Pusher, Walker2d, ManySegmentAnt: the builder transforms values there instead of copying them)."""
+        """Refuses --local-obs where the gather differs from the library's builder (which transforms values there)."""
         lib, rng = self.envs[0], np.random.default_rng(0)
         lib.single_agent_env.reset(seed=0)
         for _ in range(steps):
@@ -249,20 +232,18 @@ class MaMuJoCo:
 
     def step_env(self, i: int, env_action: np.ndarray):
         """Env i without reset: (s', reward, terminated, truncated), what the library's step returns minus obs."""
-        state, reward, terminated, truncated, _ = self.envs[i].single_agent_env.step(env_action)
-        return state, reward, terminated, truncated
+        return self.envs[i].single_agent_env.step(env_action)[:4]
 
     def step(self, action: np.ndarray) -> dict:
-        """All envs one step. "next_state" is the true s' (the buffer's), "state" the reset one where an episode
-        ended. Ant ends when unhealthy (terminal: no bootstrap); the time limit is truncation (done, not terminal)."""
-        out = {k: [] for k in ("next_state", "state", "reward", "terminal", "done")}
+        """All envs one step: "next_state" is the true s' (buffered), "state" the reset one where an episode ended."""
+        rows = []
         for i, env_action in enumerate(self.to_env_action(action)):
             next_state, reward, terminated, truncated = self.step_env(i, env_action)
-            done = terminated or truncated
+            done = terminated or truncated  # Ant's fall is terminal (no bootstrap); the time limit only truncates
             state = self.envs[i].single_agent_env.reset()[0] if done else next_state  # unseeded: the env's own RNG
-            for k, v in zip(out, (next_state, state, reward, terminated, done), strict=True):
-                out[k].append(v)
-        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+            rows.append((next_state, state, reward, terminated, done))
+        keys = ("next_state", "state", "reward", "terminal", "done")
+        return {k: np.asarray(v, np.float32) for k, v in zip(keys, zip(*rows, strict=True), strict=True)}
 
 
 def buffer_init(size: int, N: int, S: int, A: int) -> dict:
@@ -442,9 +423,7 @@ def symlog(x):
 
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once (Python), then U updates of every agent (jitted).
 def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
-    """Per-seed functions (EnvLoop and main jit and vmap them over seeds): init(seed) -> runner state,
-    act(actor, key, state, iteration), learn(runner state, transitions, iteration), policy(actor, state, key) and
-    critic_value(critic, state, action); and the chunks of --eval-every env steps that --total-timesteps holds."""
+    """Per-seed init, act, learn, policy and critic_value (callers jit and vmap them over seeds), and the chunking."""
     N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
     E, B, M = args.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
@@ -490,8 +469,7 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
         return key, action
 
     def update_agent(p, mine, shared, key):
-        """One critic step and one ISSM step of one agent (vmapped over agents). p: its parameters and optimiser
-        states; mine: its own o_i, a_i, o_i' (B rows each); shared: the squashed s, s', the team reward and terminal."""
+        """Critic and ISSM step of one agent (vmapped); mine: o_i, a_i, o_i'; shared: s, s', r, terminal."""
         k_next, k_prop, k_dsm = jax.random.split(key, 3)
         # Averaged-Q critic (Alg. 2, line 5): state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
         next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
@@ -565,21 +543,19 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
 
 # ALGO LOGIC: the Python env loop. Every seed's envs step in this process between the jitted, seed-vmapped calls.
 def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_step: int, args: Args):
-    """Mean return and length of one episode per eval env (--num-eval-episodes per seed), stochastic policy (Sec. 5);
-    for the critic check, the mean discounted return sum_t gamma^t reward_scale r_t and the first states and actions.
-    Env seeds and action keys depend only on (seed, global_step), so --eval-only on a saved model reproduces the
-    numbers. A finished env is no longer stepped; the policy still acts on its last state (ignored)."""
+    """One episode per eval env, stochastic policy (Sec. 5), seeded by (seed, global_step) -> per seed the mean return,
+    length and discounted return sum_t gamma^t reward_scale r_t, and the first states and actions (critic check)."""
     n = len(envs[0].envs)
     state = [env.reset([env_seed(s, 1, global_step, i) for i in range(n)]) for env, s in zip(envs, seeds, strict=True)]
     state = np.stack(state).astype(np.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), global_step) for s in seeds])
-    running, ret, length = np.ones((len(seeds), n), bool), np.zeros((len(seeds), n)), np.zeros((len(seeds), n))
-    disc, first_state, first_action = np.zeros((len(seeds), n)), state.copy(), None
+    running, (ret, length, disc) = np.ones((len(seeds), n), bool), np.zeros((3, len(seeds), n))
+    first_state, first_action = state.copy(), None
     for t in range(args.max_episode_steps):
         action = np.asarray(eval_act(actor, state, keys, np.int32(t)))
         first_action = action if first_action is None else first_action
         env_action = envs[0].to_env_action(action)
-        for s, i in zip(*np.nonzero(running), strict=True):
+        for s, i in zip(*np.nonzero(running), strict=True):  # finished envs are not stepped (their action is ignored)
             next_state, reward, terminated, truncated = envs[s].step_env(i, env_action[s, i])
             state[s, i], ret[s, i], length[s, i] = next_state, ret[s, i] + reward, t + 1
             disc[s, i] += args.gamma**t * args.reward_scale * reward
@@ -590,26 +566,25 @@ def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_ste
 
 
 class EnvLoop:
-    """Training: every seed's --num-envs MuJoCo envs with the jitted, seed-vmapped act and learn (donated runner state:
-    the replay buffer is updated in place). chunk(chunk, bar) is train_loop's chunk_fn; probe() its probe_fn."""
+    """Training: every seed's envs with the jitted, seed-vmapped act and learn (runner state donated: the buffer is
+    updated in place). chunk(chunk, bar) is train_loop's chunk_fn, probe() its probe_fn."""
 
     def __init__(self, args: Args, train: SimpleNamespace, seeds: list[int], eval_envs: list[MaMuJoCo], eval_act):
         self.args, self.train, self.seeds, self.eval_envs, self.eval_act = args, train, seeds, eval_envs, eval_act
-        E, env, start = args.num_envs, eval_envs[0], time.time()
+        E, N, A, start = args.num_envs, eval_envs[0].num_agents, eval_envs[0].act_dim, time.time()
         self.rs = jax.jit(jax.vmap(train.init))(jnp.asarray(seeds, jnp.int32))
         gb, obs = sum(x.nbytes for x in jax.tree.leaves(self.rs["buffer"])) / 1e9, "local" if args.local_obs else "full"
-        print(f"MaMuJoCo_{args.task}: {env.num_agents} agents, obs {env.obs_dim} ({obs}), state {env.state_dim}, "
-              f"actions {env.act_dim}, reward scale {args.reward_scale}; replay buffer {gb:.2f} GB for {len(seeds)} "
-              "seed(s); compiling...", flush=True)  # fmt: skip
+        dims = f"MaMuJoCo_{args.task}: {N} agents, obs {eval_envs[0].obs_dim} ({obs}), state {eval_envs[0].state_dim}"
+        print(f"{dims}, actions {A}, reward scale {args.reward_scale}; buffer {gb:.2f} GB; compiling", flush=True)
         self.envs = [MaMuJoCo(args.task, E, args.local_obs, max_episode_steps=args.max_episode_steps) for _ in seeds]
         state = [e.reset([env_seed(s, 0, i) for i in range(E)]) for e, s in zip(self.envs, seeds, strict=True)]
         self.state = np.stack(state).astype(np.float32)  # (seed, env, S): what the policies see
         self.act = jax.jit(jax.vmap(train.act, in_axes=(0, 0, 0, None)))
         self.act = self.act.lower(self.rs["learner"]["actor"], self.rs["key"], self.state, np.int32(0)).compile()
-        example = {"state": self.state, "reward": self.state[..., 0], "terminal": self.state[..., 0]}
-        example |= {"action": np.zeros((len(seeds), E, env.num_agents, env.act_dim), np.float32)}
+        example = {"state": self.state, "next_state": self.state, "reward": self.state[..., 0]}
+        example |= {"terminal": self.state[..., 0], "action": np.zeros((len(seeds), E, N, A), np.float32)}
         self.learn = jax.jit(jax.vmap(train.learn, in_axes=(0, 0, None)), donate_argnums=0)
-        self.learn = self.learn.lower(self.rs, example | {"next_state": self.state}, np.int32(0)).compile()
+        self.learn = self.learn.lower(self.rs, example, np.int32(0)).compile()
         self.critic_value = jax.jit(jax.vmap(train.critic_value))
         print(f"compiled in {time.time() - start:.0f} s; {train.num_chunks} chunks x {train.steps_per_chunk} steps")
         if args.probe_every:  # PROBE_SAMPLES actions per agent at a fixed start state (reset with seed [seed, 2])
@@ -619,7 +594,7 @@ class EnvLoop:
             self.probe_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
             self.probe_fn = jax.jit(jax.vmap(lambda actor, s, k: jnp.swapaxes(train.policy(actor, s, k), 0, 1)))
         self.ep_return = np.zeros((len(seeds), E))
-        self.times = dict.fromkeys(("train", "env", "eval"), 0.0)  # seconds: training (MuJoCo included), evaluation
+        self.times = np.zeros(3)  # seconds: training (MuJoCo steps included), MuJoCo steps, evaluation
 
     def probe(self):  # (seed, agent, sample, action dim)
         return self.probe_fn(self.rs["learner"]["actor"], self.probe_state, self.probe_keys)
@@ -635,10 +610,8 @@ class EnvLoop:
             out = [e.step(a) for e, a in zip(self.envs, action, strict=True)]
             out = {k: np.stack([o[k] for o in out]) for k in out[0]}
             env_time += time.time() - env_start
-            transitions = {k: out[k] for k in ("reward", "terminal", "next_state")} | {
-                "state": self.state,
-                "action": action,
-            }
+            transitions = {"state": self.state, "action": action, "next_state": out["next_state"]}
+            transitions |= {"reward": out["reward"], "terminal": out["terminal"]}
             self.ep_return += out["reward"]
             ep_stats += [(self.ep_return * out["done"]).sum(axis=1), out["done"].sum(axis=1)]
             self.ep_return *= 1.0 - out["done"]
@@ -649,12 +622,10 @@ class EnvLoop:
         jax.block_until_ready(self.rs["learner"])  # the last update, dispatched asynchronously, counts as training
         train_time = time.time() - start
         learner, global_step = self.rs["learner"], (chunk + 1) * n * E
-        returns, lengths, disc, state, action = evaluate(
-            self.eval_envs, self.eval_act, learner["actor"], self.seeds, global_step, self.args
-        )
+        evaluation = evaluate(self.eval_envs, self.eval_act, learner["actor"], self.seeds, global_step, self.args)
+        returns, lengths, disc, state, action = evaluation
         q_first = np.asarray(self.critic_value(learner["critic"], state, action))
-        self.times["train"], self.times["env"] = self.times["train"] + train_time, self.times["env"] + env_time
-        self.times["eval"] += time.time() - start - train_time
+        self.times += (train_time, env_time, time.time() - start - train_time)
         metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
         count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
         mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
@@ -665,10 +636,10 @@ class EnvLoop:
 
     def timing(self, total_timesteps: int) -> dict:
         """Where the time went, for summary.json: env steps/s of training alone and the MuJoCo share of it."""
-        t, sps = self.times, round(total_timesteps / self.times["train"], 1)
-        print(f"training {t['train']:.0f} s ({sps} env steps/s per seed, MuJoCo steps "
-              f"{t['env'] / t['train']:.1%} of it), evaluation {t['eval']:.0f} s")  # fmt: skip
-        return {f"{k}_time_s": round(v, 2) for k, v in t.items()} | {"train_sps": sps}
+        (train, env, eval_), sps = self.times, round(total_timesteps / self.times[0], 1)
+        print(f"training {train:.0f} s ({sps} env steps/s per seed, MuJoCo {env / train:.1%}), eval {eval_:.0f} s")
+        times = {"train_time_s": train, "env_time_s": env, "eval_time_s": eval_}
+        return {k: round(float(v), 2) for k, v in times.items()} | {"train_sps": sps}
 
 
 # TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
@@ -870,7 +841,7 @@ def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
 
 
 def validate(args: Args) -> str | None:
-    """A one-line description of the first invalid flag tyro cannot check, or None. Runs before anything is written."""
+    """The first invalid flag that tyro cannot check, as one line, or None. Runs before anything is written."""
     if MAMUJOCO_IMPORT_ERROR:
         return f"MaMuJoCo unavailable (pip install gymnasium-robotics==1.4.2 mujoco==4.0.0): {MAMUJOCO_IMPORT_ERROR}"
     if not known_partition(args.task):
@@ -914,17 +885,15 @@ def main(args: Args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.reward_scale is None:  # the task's default, resolved before config.json records it
-        args = replace(args, reward_scale=DEFAULT_REWARD_SCALE.get(split_task(args.task)[0], 1.0))
+        args = replace(args, reward_scale=DEFAULT_REWARD_SCALE.get(args.task.split("-")[0], 1.0))
     env_id, seeds = f"MaMuJoCo_{args.task}", list(range(args.seed, args.seed + args.num_seeds))
+    n = args.num_eval_episodes  # eval envs per seed: one episode each
     run = RunFolder(args, env_id, METRICS)
-    eval_envs = [
-        MaMuJoCo(args.task, args.num_eval_episodes, args.local_obs, max_episode_steps=args.max_episode_steps)
-        for _ in seeds
-    ]
+    eval_envs = [MaMuJoCo(args.task, n, args.local_obs, max_episode_steps=args.max_episode_steps) for _ in seeds]
     train = make_train(args, eval_envs[0])
     # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
     actor = jax.eval_shape(jax.vmap(train.init), jnp.asarray(seeds, jnp.int32))["learner"]["actor"]
-    state = jax.ShapeDtypeStruct((args.num_seeds, args.num_eval_episodes, eval_envs[0].state_dim), jnp.float32)
+    state = jax.ShapeDtypeStruct((args.num_seeds, n, eval_envs[0].state_dim), jnp.float32)
     eval_act = jax.jit(jax.vmap(lambda p, s, key, t: train.policy(p, s, jax.random.fold_in(key, t)), (0, 0, 0, None)))
     keys = jax.ShapeDtypeStruct((args.num_seeds, 2), jnp.uint32)
     eval_act = eval_act.lower(actor, state, keys, np.int32(0)).compile()

@@ -1,10 +1,9 @@
-"""DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on JaxMARL SMAX, continuous actions.
+"""DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on JaxMARL SMAX, heuristic enemies.
 
-Every ally acts with its own DDPM policy on its local observation; twin averaged-Q critics Qbar_i(s, a_i) on the
-units' scaled features and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i)
-by importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. The enemies are SMAX's heuristic
-AI. Env steps, the replay buffer and all updates run in one jitted lax.scan per chunk, with seeds and agents vmapped.
-Details: docs/ddpl_smax.md.
+Every ally acts with its own DDPM policy on its local observation (continuous actions); twin averaged-Q critics
+Qbar_i(s, a_i) on the units' scaled features and the agent's own action are learned by TD; every policy moves toward
+pi^t exp(eta Qbar_i) by importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. Env steps, the
+replay buffer and all updates run in one jitted lax.scan per chunk, seeds and agents vmapped (docs/ddpl_smax.md).
 """
 
 import contextlib
@@ -94,11 +93,9 @@ class Args:
     num_action_samples: int = 4
     """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
     issm_batch_size: int = 0
-    """B_p: states of the batch whose M proposals train the ISSM step (ours; the critic step uses all B);
-    0: batch_size // num_action_samples, so the weighted DSM sees B samples as plain DSM does (docs/benchmarks.md)"""
+    """B_p: states whose M proposals train the ISSM step (ours; the critic uses all B); 0: batch_size // M"""
     weight_rule: Literal["state", "batch", "raw"] = "state"
-    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
-    batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
+    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): each state's std, one running scale, or none"""
     target_ess: float = 0.0
     """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
     reward_scale: float = 1.0
@@ -118,9 +115,8 @@ def valid_maps() -> list[str]:
 
 
 class SMAXArrays:
-    """HeuristicEnemySMAX with continuous actions as arrays: obs (N, obs_dim) per ally, the critics' state
-    (state_dim,), learner actions in [-1, 1]^(N, 4), one team reward. Action layout (env.continuous_action_dims):
-    [shoot_last_enemy, do_shoot, r, angle / 2pi]. docs/ddpl_smax.md, "Environment"."""
+    """HeuristicEnemySMAX as arrays: obs (N, obs_dim) per ally, critic state (state_dim,), one team reward, learner
+    actions in [-1, 1]^(N, 4): [shoot_last_enemy, do_shoot, r, angle / 2pi] (docs/ddpl_smax.md, "Environment")."""
 
     ACTION_EPS = 1e-3  # env actions stay in [eps, 1 - eps]: the env samples move-vs-shoot from log(a), log(1 - a)
 
@@ -135,14 +131,9 @@ class SMAXArrays:
         self.episode_length = self.env.max_steps + 1  # done is raised when step >= max_steps: at most 101 steps
 
     def critic_state(self, state) -> jax.Array:
-        """Every unit's features as SMAX builds them for a unit's own observation (health, position / map size,
-        cooldown / its maximum clipped to [0, 1], type one-hot; zeros when dead). The env's world_state is unscaled:
-        critics on it start with offsets larger than the whole return (docs/ddpl_smax.md)."""
+        """Every unit's features, scaled as in its own observation (zeros when dead); jaxmarl's world_state is not."""
         units = jnp.arange(self.env.num_allies + self.env.num_enemies)
         return jax.vmap(self.env._get_own_features, (None, 0))(state.state, units).reshape(-1)
-
-    def alive(self, state) -> jax.Array:
-        return state.state.unit_alive[: self.num_agents]  # allies first, then enemies
 
     def reset(self, key):
         """(obs, world_state, state). Weak types are made strong, or a jitted step recompiles on a stepped state."""
@@ -156,39 +147,34 @@ class SMAXArrays:
         return jnp.clip(eps + (1.0 - 2.0 * eps) * 0.5 * (action + 1.0), eps, 1.0 - eps)
 
     def step(self, key, state, action) -> dict:
-        """One step of one env -> dict. next_obs, next_world_state are the true successor s' (for the buffer); obs,
-        world_state, state what the policies see next: the reset ones where the episode ended. env.step would lose
-        the terminal observation and the win, so we call step_env and reset with env.step's own key split
-        (tests/test_smax.py)."""
-        env_action = self.to_env_action(action)
+        """One env step -> dict: next_* the true successor s' (for the buffer); obs, world_state, state what the
+        policies see next, reset where the episode ended. step_env + reset: env.step drops the last obs and the win."""
+        env_action = dict(zip(self.agents, self.to_env_action(action), strict=True))
         key, key_reset = jax.random.split(key)
-        obs_st, state_st, reward, dones, _ = self.env.step_env(
-            key, state, {a: env_action[i] for i, a in enumerate(self.agents)}
-        )
+        obs_st, state_st, reward, dones, _ = self.env.step_env(key, state, env_action)
         obs_re, world_state_re, state_re = self.reset(key_reset)
-        done = dones["__all__"]
-        alive = state_st.state.unit_alive
-        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
-        next_obs = jnp.stack([obs_st[a] for a in self.agents])
+        done, n = dones["__all__"], self.num_agents
+        next_obs, next_world_state = jnp.stack([obs_st[a] for a in self.agents]), self.critic_state(state_st)
+        alive, next_alive = state.state.unit_alive, state_st.state.unit_alive  # allies first, then enemies
+        allies_dead, enemies_dead = ~next_alive[:n].any(), ~next_alive[n:].any()
         return {
             "next_obs": next_obs,
-            "next_world_state": self.critic_state(state_st),
+            "next_world_state": next_world_state,
             "reward": reward[self.agents[0]],  # the team reward, identical for every ally
             # a whole team dead ends the episode; the step-101 time limit is truncation (done, not terminal)
             "terminal": (allies_dead | enemies_dead).astype(jnp.float32),
             "done": done,
             "won": enemies_dead & ~allies_dead,  # exactly when SMAX pays the won_battle_bonus
-            "alive": self.alive(state),  # allies alive at s
-            "next_alive": self.alive(state_st),  # allies alive at s' (before any reset)
+            "alive": alive[:n],  # allies alive at s
+            "next_alive": next_alive[:n],  # allies alive at s' (before any reset)
             "obs": jnp.where(done, obs_re, next_obs),
-            "world_state": jnp.where(done, world_state_re, self.critic_state(state_st)),
+            "world_state": jnp.where(done, world_state_re, next_world_state),
             "state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st),
         }
 
 
 def buffer_init(size: int, N: int, D: int, S: int, A: int) -> dict:
-    """Fixed-size replay arrays for N agents, D-dim observations, S-dim critic states and A-dim actions; they live in
-    the scan carry."""
+    """Fixed-size replay arrays (N agents, D-dim obs, S-dim critic states, A-dim actions) in the scan carry."""
     shapes = {"obs": (N, D), "world_state": (S,), "action": (N, A), "reward": (), "next_obs": (N, D)}
     shapes |= {"next_world_state": (S,), "terminal": (), "alive": (N,), "next_alive": (N,)}
     return {name: jnp.zeros((size, *shape)) for name, shape in shapes.items()}
@@ -359,10 +345,9 @@ class TwinCritic(nn.Module):
 # --- DDPL core: end ---
 
 
-# ALGO LOGIC: ISSM on SMAX, where allies die: at a dead agent's rows the true weights are uniform and the critic's
-# differences are noise, so those rows get weight 0 and the rest B / (rows alive): a mean over the living.
+# ALGO LOGIC: ISSM where allies die: a dead agent's rows carry only critic noise (docs/ddpl_smax.md, "Dead allies").
 def alive_issm_weights(weights, alive):
-    """ISSM weights (B, M), alive (B,) in {0, 1} -> the weights for dsm_loss, dead rows 0, the rest rescaled."""
+    """ISSM weights (B, M), alive (B,) in {0, 1} -> dead rows 0, the rest x B / (rows alive): a mean over the living."""
     return weights * alive[:, None] * alive.shape[0] / jnp.maximum(alive.sum(), 1.0)
 
 
@@ -404,9 +389,8 @@ def make_train(args: Args, env: SMAXArrays):
 
     def update_agent(p, mine, shared, key):
         """One critic step and one ISSM step of one agent (vmapped over agents). p: its parameters and optimiser
-        states; mine: its own o_i, a_i, o_i' and whether it is alive at s and s' (B rows each); shared: the critic
-        states s, s', the team reward and terminal. A dead ally's action has no effect: the critics see action 0 for
-        it, TD bootstraps through its death, ISSM leaves its rows out (docs/ddpl_smax.md, "Dead allies")."""
+        states; mine: its o_i, a_i, o_i', alive at s and s' (B rows each); shared: s, s', team reward, terminal.
+        Dead allies act 0 for the critics, TD bootstraps through their death, ISSM drops their rows (docs)."""
         k_next, k_prop, k_dsm = jax.random.split(key, 3)
         # Averaged-Q critic (Alg. 2, line 5): critic state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
         next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
@@ -492,10 +476,8 @@ def make_train(args: Args, env: SMAXArrays):
         return rs, metrics | {k: jnp.where(ep_count > 0, v / ep_count, jnp.nan) for k, v in train.items()}
 
     def evaluate(actor, seed, global_step):
-        """Mean return and win rate of --num-eval-episodes episodes, stochastic policy (Sec. 5); for the critic
-        check the mean discounted return sum_t gamma^t reward_scale r_t and the first critic states and actions.
-        Each env plays one episode, what follows its end is masked. The key depends only on (seed, global_step),
-        so --eval-only on a saved model reproduces the numbers."""
+        """Mean return and win rate of --num-eval-episodes episodes (stochastic policy, Sec. 5), the discounted return
+        and the first states and actions (the critic check). The key depends only on (seed, global_step)."""
         key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
         obs, state0, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
 
@@ -520,8 +502,7 @@ def make_train(args: Args, env: SMAXArrays):
         return q.mean()
 
     def probe(actor, seed):
-        """PROBE_SAMPLES actions of every agent, (N, PROBE_SAMPLES, A), at the reset drawn with split(PRNGKey(seed))[0]:
-        the same state at every probe and in the ablation script."""
+        """PROBE_SAMPLES actions per agent (N, PROBE_SAMPLES, A) at one fixed reset state (the ablation's too)."""
         k_reset, k_act = jax.random.split(jax.random.PRNGKey(seed))
         obs = jnp.broadcast_to(env.reset(k_reset)[0], (PROBE_SAMPLES, N, D))
         return jnp.swapaxes(act(actor, obs, k_act), 0, 1)
