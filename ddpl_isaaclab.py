@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
 METRICS = ("episodic_return", "episode_length", "train_return", *UPDATE_METRICS, "env_share")
@@ -582,12 +581,6 @@ def divergence(metrics: dict, learner: dict) -> str | None:
     return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
 
 
-def seed_placement():
-    """(lanes, whole): the seed axis split over the local devices (1-D mesh "seed"), and a replicated placement."""
-    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
-    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
-
-
 class Stop(Exception):
     """Ends a run without summary.json: diverged (exit 1)."""
 
@@ -702,25 +695,6 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
         ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
         ax.legend()
     fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-
-
-def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
-    """Fig. 4 right analogue: per entry of `probes` and probe step, agents 0 and 1's actions (dims `dims`), seed 0."""
-    from matplotlib.figure import Figure
-
-    steps = next(iter(probes.values()))["steps"]
-    fig = Figure(figsize=(2.6 * len(steps), 2.6 * len(probes)), layout="tight")
-    axes = fig.subplots(len(probes), len(steps), squeeze=False)
-    for row, (label, probe) in enumerate(probes.items()):
-        for col, step in enumerate(steps):
-            for agent, color in ((0, "tab:blue"), (1, "tab:red")):
-                a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)][:, list(dims)]
-                axes[row][col].scatter(*a.T, s=2, alpha=0.3, color=color, label=f"agent {agent}")
-            axes[row][col].set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
-            axes[row][col].set_title(f"{label}, {step:,} steps", fontsize=8)
-    axes[0][0].legend(fontsize=7, markerscale=4)
-    fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
     fig.savefig(path, dpi=100)
 
 

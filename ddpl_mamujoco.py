@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 try:  # importing gymnasium_robotics prints an Adroit notice on stderr: keep bad-input errors to one line
     with contextlib.redirect_stderr(io.StringIO()):
@@ -693,12 +692,6 @@ def divergence(metrics: dict, learner: dict) -> str | None:
     groups = [k for k, v in learner.items() if not finite(v)]
     bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
     return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
-
-
-def seed_placement():
-    """(lanes, whole): the seed axis split over the local devices (1-D mesh "seed"), and a replicated placement."""
-    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
-    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
 
 
 class Stop(Exception):
