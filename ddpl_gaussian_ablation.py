@@ -1,11 +1,9 @@
 """DDPL's policy-class ablation (arXiv 2605.07101, Sec. 5 "Ablation study", Fig. 4): diffusion vs Gaussian policies.
 
-Algorithm 2 with ddpl_smax.py's loop, averaged-Q critics, replay buffer and hyperparameters; only the policy class
-changes. `--policy gaussian` (the default) is a tanh-squashed diagonal Gaussian per agent, projected onto the same
-DecSPG target pi^t exp(eta Qbar_i) by reverse KL (`--projection reverse`, the paper's Thm 3.1) or by weighted maximum
-likelihood on the ISSM weights (`--projection forward`, ours); `--policy diffusion` is DDPL itself. `--compare` trains
-both with the same seeds and budget; `--env mpe`, `smax` or `toy` (the paper's N-agent toy game of Sec. 3, success
-against N). Flags, metrics, choices and measured numbers: docs/ddpl_gaussian_ablation.md.
+Algorithm 2 with ddpl_smax.py's loop, critics, replay buffer and hyperparameters; only the policy class changes:
+`--policy gaussian` is a tanh-squashed Gaussian per agent, projected onto pi^t exp(eta Qbar_i) by reverse KL (the
+paper's Thm 3.1) or weighted maximum likelihood (`--projection`), `--policy diffusion` is DDPL, `--compare` runs both;
+`--env` mpe, smax or toy (Sec. 3's N-agent game). Flags, metrics and measured numbers: docs/ddpl_gaussian_ablation.md.
 """
 
 import contextlib
@@ -16,12 +14,11 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Literal
 
 import flax.linen as nn
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import jaxmarl
@@ -109,11 +106,9 @@ class Args:
     num_action_samples: int = 4
     """M: actions per state for ISSM, the reverse-KL expectation and the forward fit (ours); >= 2"""
     issm_batch_size: int = 0
-    """B_p: states of the batch that train the policy step, both classes (ours; the critic step uses all B);
-    0: batch_size // num_action_samples, as the DDPL scripts"""
+    """B_p: states of the batch in the policy step, both classes (ours); 0: batch_size // num_action_samples"""
     weight_rule: Literal["state", "batch", "raw"] = "state"
-    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): state (each state's std over its M samples),
-    batch (one running scale for all states: the mean within-state std), raw (Qbar as it is)"""
+    """Qbar's scale in the ISSM softmax (ours): state (its std over each state's M samples), batch (running), raw"""
     target_ess: float = 0.0
     """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
     reward_scale: float = 1.0
@@ -178,9 +173,8 @@ class MPEArrays:
         return self.stack_obs(obs), state
 
     def step(self, key, state, action):
-        """One step of one env -> (next_obs, obs, state, reward, done). next_obs is the true successor (for the
-        buffer), obs what the policies see next: the reset observation where the episode ended. env.step would lose
-        the terminal observation, so we call step_env and reset with env.step's own key split (tests/test_mpe.py)."""
+        """One env step -> (next_obs: the true successor, for the buffer; obs: what the policies see next, the reset
+        observation where the episode ended; state, reward, done). step_env + reset: env.step drops the terminal obs."""
         env_action = {  # learner actions in [-1, 1] mapped affinely onto the box (MPE: [0, 1])
             a: lo + 0.5 * (action[i, :d] + 1.0) * (hi - lo)
             for i, (a, d, lo, hi) in enumerate(zip(self.agents, self.act_dims, self.low, self.high, strict=True))
@@ -195,9 +189,16 @@ class MPEArrays:
         return next_obs, obs, state, jnp.stack([reward[a] for a in self.agents]), done
 
 
+def no_deaths_step(next_obs, obs, state, reward, done, won) -> dict:
+    """SMAXArrays.step's dict when nobody dies and only time limits end episodes (truncation); critic state: all obs."""
+    alive = jnp.ones(obs.shape[0], bool)
+    successor = {"next_obs": next_obs, "next_world_state": next_obs.reshape(-1), "reward": reward}
+    flags = {"terminal": jnp.float32(0.0), "done": done, "won": won, "alive": alive, "next_alive": alive}
+    return successor | flags | {"obs": obs, "world_state": obs.reshape(-1), "state": state}
+
+
 class MPEGlue(MPEArrays):
-    """MPEArrays seen as SMAXArrays: the critics see all observations concatenated; nobody dies or wins, and episodes
-    end only at the time limit (truncation: never terminal)."""
+    """MPEArrays seen as SMAXArrays (no_deaths_step): nobody wins either."""
 
     def __init__(self, env_id: str, team_reward: bool):
         super().__init__(env_id)
@@ -210,16 +211,12 @@ class MPEGlue(MPEArrays):
     def step(self, key, state, action) -> dict:
         next_obs, obs, state, reward, done = super().step(key, state, action)
         reward = jnp.full_like(reward, reward.mean()) if self.team_reward else reward  # identical interest
-        alive = jnp.ones(self.num_agents, bool)
-        return {"next_obs": next_obs, "next_world_state": next_obs.reshape(-1), "reward": reward,
-                "terminal": jnp.float32(0.0), "done": done, "won": jnp.bool_(False), "alive": alive,
-                "next_alive": alive, "obs": obs, "world_state": obs.reshape(-1), "state": state}  # fmt: skip
+        return no_deaths_step(next_obs, obs, state, reward, done, won=jnp.bool_(False))
 
 
 class SMAXArrays:
-    """HeuristicEnemySMAX with continuous actions as arrays: obs (N, obs_dim) per ally, the critics' state
-    (state_dim,), learner actions in [-1, 1]^(N, 4), one team reward. Action layout (env.continuous_action_dims):
-    [shoot_last_enemy, do_shoot, r, angle / 2pi]. docs/ddpl_smax.md, "Environment"."""
+    """HeuristicEnemySMAX as arrays: obs (N, obs_dim) per ally, critic state (state_dim,), one team reward, learner
+    actions in [-1, 1]^(N, 4): [shoot_last_enemy, do_shoot, r, angle / 2pi] (docs/ddpl_smax.md, "Environment")."""
 
     ACTION_EPS = 1e-3  # env actions stay in [eps, 1 - eps]: the env samples move-vs-shoot from log(a), log(1 - a)
 
@@ -234,14 +231,9 @@ class SMAXArrays:
         self.episode_length = self.env.max_steps + 1  # done is raised when step >= max_steps: at most 101 steps
 
     def critic_state(self, state) -> jax.Array:
-        """Every unit's features as SMAX builds them for a unit's own observation (health, position / map size,
-        cooldown / its maximum clipped to [0, 1], type one-hot; zeros when dead). The env's world_state is unscaled:
-        critics on it start with offsets larger than the whole return (docs/ddpl_smax.md)."""
+        """Every unit's features, scaled as in its own observation (zeros when dead); jaxmarl's world_state is not."""
         units = jnp.arange(self.env.num_allies + self.env.num_enemies)
         return jax.vmap(self.env._get_own_features, (None, 0))(state.state, units).reshape(-1)
-
-    def alive(self, state) -> jax.Array:
-        return state.state.unit_alive[: self.num_agents]  # allies first, then enemies
 
     def reset(self, key):
         """(obs, world_state, state). Weak types are made strong, or a jitted step recompiles on a stepped state."""
@@ -255,40 +247,35 @@ class SMAXArrays:
         return jnp.clip(eps + (1.0 - 2.0 * eps) * 0.5 * (action + 1.0), eps, 1.0 - eps)
 
     def step(self, key, state, action) -> dict:
-        """One step of one env -> dict. next_obs, next_world_state are the true successor s' (for the buffer); obs,
-        world_state, state what the policies see next: the reset ones where the episode ended. env.step would lose
-        the terminal observation and the win, so we call step_env and reset with env.step's own key split
-        (tests/test_smax.py)."""
-        env_action = self.to_env_action(action)
+        """One env step -> dict: next_* the true successor s' (for the buffer); obs, world_state, state what the
+        policies see next, reset where the episode ended. step_env + reset: env.step drops the last obs and the win."""
+        env_action = dict(zip(self.agents, self.to_env_action(action), strict=True))
         key, key_reset = jax.random.split(key)
-        obs_st, state_st, reward, dones, _ = self.env.step_env(
-            key, state, {a: env_action[i] for i, a in enumerate(self.agents)}
-        )
+        obs_st, state_st, reward, dones, _ = self.env.step_env(key, state, env_action)
         obs_re, world_state_re, state_re = self.reset(key_reset)
-        done = dones["__all__"]
-        alive = state_st.state.unit_alive
-        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
-        next_obs = jnp.stack([obs_st[a] for a in self.agents])
+        done, n = dones["__all__"], self.num_agents
+        next_obs, next_world_state = jnp.stack([obs_st[a] for a in self.agents]), self.critic_state(state_st)
+        alive, next_alive = state.state.unit_alive, state_st.state.unit_alive  # allies first, then enemies
+        allies_dead, enemies_dead = ~next_alive[:n].any(), ~next_alive[n:].any()
         return {
             "next_obs": next_obs,
-            "next_world_state": self.critic_state(state_st),
+            "next_world_state": next_world_state,
             "reward": reward[self.agents[0]],  # the team reward, identical for every ally
             # a whole team dead ends the episode; the step-101 time limit is truncation (done, not terminal)
             "terminal": (allies_dead | enemies_dead).astype(jnp.float32),
             "done": done,
             "won": enemies_dead & ~allies_dead,  # exactly when SMAX pays the won_battle_bonus
-            "alive": self.alive(state),  # allies alive at s
-            "next_alive": self.alive(state_st),  # allies alive at s' (before any reset)
+            "alive": alive[:n],  # allies alive at s
+            "next_alive": next_alive[:n],  # allies alive at s' (before any reset)
             "obs": jnp.where(done, obs_re, next_obs),
-            "world_state": jnp.where(done, world_state_re, self.critic_state(state_st)),
+            "world_state": jnp.where(done, world_state_re, next_world_state),
             "state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st),
         }
 
 
 class ToyArrays:
-    """The paper's N-agent toy game (Sec. 3.2) seen as SMAXArrays: each agent plays its own copy of the MDP of
-    Sec. 3.2.1 and observes its copy's state (one-hot s0 / goal / sink); every agent gets the team reward, the sum;
-    episodes end at the time limit; "won": every copy at goal at the end (docs/ddpl_gaussian_ablation.md)."""
+    """The paper's N-agent toy game (Sec. 3.2) as SMAXArrays: each agent plays its own copy of the MDP of Sec. 3.2.1,
+    observes its copy's state (one-hot s0 / goal / sink) and gets the team reward, the sum over copies."""
 
     def __init__(self, num_agents: int):
         self.num_agents, self.obs_dim, self.act_dim = num_agents, 3, 1
@@ -304,25 +291,14 @@ class ToyArrays:
         bump = p["bump_reward"] * jnp.exp(-(a**2) / (2 * p["bump_width"] ** 2))  # s0: c0 exp(-a^2 / 2 w0^2)
         goal = p["goal_reward"] * jnp.exp(-((a - p["goal_action"]) ** 2) / (2 * p["goal_width"] ** 2))
         hit = jax.random.uniform(key, a.shape) < p["p_goal"] * (jnp.abs(a - p["a_star"]) <= p["delta"])
-        reward = jnp.where(pos == 0, bump, jnp.where(pos == 1, goal, 0.0)).sum()  # one team reward: the sum
+        reward = jnp.full(self.num_agents, jnp.where(pos == 0, bump, jnp.where(pos == 1, goal, 0.0)).sum())  # the sum
         next_pos = jnp.where(pos == 0, jnp.where(hit, 1, 2), pos)  # s0 -> goal w.p. p 1{|a - a*| <= delta}, else sink
         done = state["t"] + 1 >= self.episode_length
         next_obs = jax.nn.one_hot(next_pos, 3)
         obs_re, _, state_re = self.reset(key)
-        obs = jnp.where(done, obs_re, next_obs)
-        return {
-            "next_obs": next_obs,
-            "next_world_state": next_obs.reshape(-1),
-            "reward": jnp.full(self.num_agents, reward),
-            "terminal": jnp.float32(0.0),  # time-limit ends only: truncation
-            "done": done,
-            "won": done & (next_pos == 1).all(),
-            "alive": jnp.ones(self.num_agents, bool),
-            "next_alive": jnp.ones(self.num_agents, bool),
-            "obs": obs,
-            "world_state": obs.reshape(-1),
-            "state": jax.tree.map(lambda r, s: jnp.where(done, r, s), state_re, {"pos": next_pos, "t": state["t"] + 1}),
-        }
+        state = jax.tree.map(lambda r, s: jnp.where(done, r, s), state_re, {"pos": next_pos, "t": state["t"] + 1})
+        won = done & (next_pos == 1).all()  # every copy at goal when the episode ends
+        return no_deaths_step(next_obs, jnp.where(done, obs_re, next_obs), state, reward, done, won)
 
 
 def make_env(args: Args, num_agents: int | None = None):
@@ -365,30 +341,22 @@ class GaussianActor(nn.Module):
         return nn.Dense(self.action_dim)(h), jnp.clip(nn.Dense(self.action_dim)(h), LOG_STD_MIN, LOG_STD_MAX)
 
 
-def gaussian_log_prob(x, mean, log_std):
-    """log N(x; mean, diag exp(log_std)^2), summed over the last axis."""
-    z = (x - mean) * jnp.exp(-log_std)
-    return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
-
-
 def squashed_log_prob(u, mean, log_std):
-    """log density of a = tanh(u) under the squashed Gaussian: log N(u) - sum log(1 - tanh(u)^2), stably."""
+    """log density of a = tanh(u), u ~ N(mean, diag exp(log_std)^2): log N(u) - sum log(1 - tanh(u)^2), stably."""
     log_det = 2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u))  # log(1 - tanh(u)^2)
-    return gaussian_log_prob(u, mean, log_std) - jnp.sum(log_det, axis=-1)
+    z = (u - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1) - jnp.sum(log_det, axis=-1)
 
 
 def alive_issm_weights(weights, alive):
-    """ISSM weights (B, M), alive (B,) in {0, 1} -> the weights for dsm_loss, dead rows 0, the rest rescaled."""
+    """ISSM weights (B, M), alive (B,) in {0, 1} -> dead rows 0, the rest x B / (rows alive): a mean over the living."""
     return weights * alive[:, None] * alive.shape[0] / jnp.maximum(alive.sum(), 1.0)
 
 
 def make_policy(args: Args, policy: str, A: int):
-    """The policy class: init(key, D), sample(params, obs, key) -> actions in [-1, 1], and
-    actor_loss(params, old_params, obs, alive, q_fn, temp, key) -> (loss, (temp, [max_weight, ess, eta, action_std])).
-
-    old_params: pi^t, before this update; q_fn(actions (B, M, A)) -> Qbar_i(s, a) (B, M) from the just-updated online
-    critics; alive (B,) in {0, 1}; temp: issm_temperature's state (both classes share --weight-rule and eta).
-    """
+    """init(key, D), sample(params, obs, key) -> actions in [-1, 1], actor_loss(params, old_params = pi^t, obs, alive
+    (B,), q_fn, temp, key) -> (loss, (temp, [max_weight, ess, eta, action_std])). q_fn(actions (B, M, A)) -> Qbar_i
+    (B, M) from the just-updated online critics; temp: issm_temperature's state (both classes share it)."""
     M = args.num_action_samples
     temperature = (args.weight_rule, args.eta, args.target_ess)  # issm_temperature's arguments, both classes
     living_mean = lambda x, alive: (x * alive).sum() / jnp.maximum(alive.sum(), 1.0)  # noqa: E731
@@ -651,9 +619,8 @@ def make_train(args: Args, env, policy: str):
         return rs | {"obs": obs, "world_state": world_state, "ep_return": jnp.zeros(E), "key": key}
 
     def update_agent(p, mine, shared, key):
-        """One critic step and one policy step of one agent (vmapped over agents). p: its parameters and optimiser
-        states; mine: its own o_i, a_i, r_i, o_i' and whether it is alive at s and s'; shared: s, s' and terminal.
-        A dead SMAX ally's action is fixed to 0 for the critics and its rows leave the policy step (ddpl_smax.py)."""
+        """One critic and one policy step of one agent (vmapped over agents). mine: its o_i, a_i, r_i, o_i', alive at s
+        and s'; shared: s, s', terminal. Dead SMAX allies act 0 for the critics and leave the policy step (docs)."""
         k_next, k_actor = jax.random.split(key)
         # Averaged-Q critic (Alg. 2, line 5): critic state and OWN action; a_i' ~ pi_i(.|o_i')
         next_action = sample(p["actor"], mine["next_obs"], k_next) * mine["next_alive"][:, None]
@@ -706,10 +673,8 @@ def make_train(args: Args, env, policy: str):
             lambda: act(rs["learner"]["actor"], rs["obs"], k_act),
         )
         out = jax.vmap(env_step)(jax.random.split(k_env, E), rs["env_state"], action)
-        transitions = {"obs": rs["obs"], "world_state": rs["world_state"], "action": action}
-        transitions |= {
-            k: out[k] for k in ("reward", "terminal", "alive", "next_alive", "next_obs", "next_world_state")
-        }
+        transitions = {"obs": rs["obs"], "world_state": rs["world_state"], "action": action, "reward": out["reward"]}
+        transitions |= {k: out[k] for k in ("next_obs", "next_world_state", "terminal", "alive", "next_alive")}
         ep_return, done = rs["ep_return"] + out["reward"].mean(axis=-1), out["done"]  # return averaged over agents
         ep_stats = ep_stats + jnp.stack([jnp.sum(ep_return * done), jnp.sum(out["won"] & done), jnp.sum(done)])
         rs |= {"buffer": buffer_add(rs["buffer"], transitions, iteration), "env_state": out["state"]}
@@ -737,9 +702,8 @@ def make_train(args: Args, env, policy: str):
         return rs, dict(zip(UPDATE_METRICS, metrics, strict=True)) | train
 
     def evaluate(actor, seed, global_step):
-        """Mean return (per agent) and win rate of --num-eval-episodes episodes, stochastic policy (Sec. 5); for the
-        critic check the mean discounted return sum_t gamma^t reward_scale r_t and the first states and actions. The
-        key depends only on (seed, global_step): the same episodes for both classes."""
+        """Mean return per agent and win rate of --num-eval-episodes episodes (stochastic policy, Sec. 5), discounted
+        return and first states and actions (the critic check). The key depends only on (seed, global_step)."""
         key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
         obs, state0, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
 
@@ -764,8 +728,7 @@ def make_train(args: Args, env, policy: str):
         return q.mean()
 
     def probe(actor, seed):
-        """PROBE_SAMPLES actions of every agent, (N, PROBE_SAMPLES, A), at the reset drawn with split(PRNGKey(seed))[0]:
-        the same state at every probe, for both classes and in the DDPL scripts."""
+        """PROBE_SAMPLES actions per agent (N, PROBE_SAMPLES, A) at one fixed reset state (as the DDPL scripts)."""
         k_reset, k_act = jax.random.split(jax.random.PRNGKey(seed))
         obs = jnp.broadcast_to(env.reset(k_reset)[0][:, None], (N, PROBE_SAMPLES, D))
         return jax.vmap(sample)(actor, obs, jax.random.split(k_act, N))
@@ -777,7 +740,7 @@ def make_train(args: Args, env, policy: str):
 
 # TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
 # --- plumbing: begin ---
-# Identical text in every ddpl_*.py (tests/test_core_identity.py); a script may leave a part unused.
+# Identical text in every ddpl_*.py (tests/test_core_identity.py), but a script leaves out the parts it never calls.
 def parse_args(**kwargs) -> "Args":
     """tyro.cli(Args), with tyro's boxed error condensed to one line on stderr (exit 2)."""
     err = io.StringIO()
@@ -790,27 +753,6 @@ def parse_args(**kwargs) -> "Args":
             message = " ".join(lines[: lines.index("")]) or "invalid command line"
             print(f"error: {message} (see --help)", file=sys.stderr)
         raise
-
-
-def load_checkpoint(args: "Args", fields: tuple[str, ...]) -> tuple["Args", dict]:
-    """--eval-only: args with the checkpoint's `fields` and seed count, and the checkpoint; ValueError if unusable."""
-    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
-        raise ValueError("--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together")
-    if not args.checkpoint:
-        return args, {}
-    try:
-        with open(args.checkpoint, "rb") as f:
-            ckpt = flax.serialization.msgpack_restore(f.read())
-        config, num_seeds = json.loads(ckpt["config"]), len(jax.tree.leaves(ckpt["actor"])[0])
-        return replace(args, **{k: config[k] for k in fields}, num_seeds=num_seeds), ckpt
-    except Exception as e:
-        raise ValueError(f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax of this script ({e!r})") from e
-
-
-def save_checkpoint(path: str, actor, global_step: int, args: "Args"):
-    ckpt = {"actor": actor, "global_step": global_step, "config": json.dumps(asdict(args))}
-    with open(path, "wb") as f:
-        f.write(flax.serialization.to_bytes(ckpt))  # msgpack, no pickle
 
 
 def stats(values) -> dict:
@@ -986,7 +928,7 @@ def train_class(args: Args, run: RunFolder, env, seeds, **labels) -> tuple[dict,
     name = ", ".join(f"{k} {v}" for k, v in labels.items())
     print(f"{name}: compiled in {time.time() - start:.0f} s; {train.num_chunks} chunks x {train.steps_per_chunk} steps")
 
-    def train_and_evaluate(chunk, bar):
+    def run_chunk(chunk, bar):  # train, then evaluate
         nonlocal rs
         rs, metrics = chunk_fn(rs, jnp.int32(chunk))
         step = jnp.int32((chunk + 1) * train.steps_per_chunk)
@@ -996,8 +938,7 @@ def train_class(args: Args, run: RunFolder, env, seeds, **labels) -> tuple[dict,
         return metrics, rs["learner"]
 
     probe_fn = (lambda: probe(rs["learner"]["actor"], seeds)) if args.probe_every else None
-    result = train_loop(run, seeds.tolist(), train.num_chunks, train.steps_per_chunk, train_and_evaluate, probe_fn,
-                        **labels)  # fmt: skip
+    result = train_loop(run, seeds.tolist(), train.num_chunks, train.steps_per_chunk, run_chunk, probe_fn, **labels)
     last, best = result["last"], result["best"]
     summary = {"final_eval_return": stats(last["episodic_return"]), "best_eval_return": stats(best["episodic_return"])}
     summary |= {"sps": result["sps"]} | ({"final_win_rate": stats(last["win_rate"])} if args.env != "mpe" else {})
@@ -1008,26 +949,20 @@ def train_class(args: Args, run: RunFolder, env, seeds, **labels) -> tuple[dict,
 
 def plot_success(success: dict, path: str, args: Args):
     """--env toy: success rate (every agent at goal at the end of an evaluation episode) against N, per class."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig = Figure(figsize=(5, 3.6), layout="tight")
+    ax = fig.subplots()
     ns = sorted(int(n) for n in next(iter(success.values())))
     ax.plot(ns, [TOY["p_goal"] ** n for n in ns], "k--", lw=1, label="optimal policy (p^N)")
     for label, color in zip(success, ("tab:blue", "tab:orange"), strict=False):
         mean, std = ([success[label][str(n)][k] for n in ns] for k in ("mean", "std"))
         ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, color=color, label=label)
-    ax.set(
-        xlabel="number of agents N", ylabel=f"success rate (mean, std of {args.num_seeds} seeds)", ylim=(-0.05, 1.05)
-    )
-    ax.set_xticks(ns)
+    ax.set(xlabel="number of agents N", xticks=ns, ylim=(-0.05, 1.05))
+    ax.set_ylabel(f"success rate (mean, std of {args.num_seeds} seeds)")
     ax.set_title(f"Toy game, Algorithm 2, {args.total_timesteps:,} env steps per seed", fontsize=9)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def validate(args: Args) -> str | None:

@@ -484,8 +484,7 @@ def make_train(args: Args, env: MPEArrays):
         return q.mean()
 
     def probe(actor, seed):
-        """PROBE_SAMPLES actions of every agent, (N, PROBE_SAMPLES, A), at the reset drawn with split(PRNGKey(seed))[0]:
-        the same state at every probe and in the ablation script."""
+        """PROBE_SAMPLES actions per agent (N, PROBE_SAMPLES, A) at one fixed reset state (the ablation's too)."""
         k_reset, k_act = jax.random.split(jax.random.PRNGKey(seed))
         obs = jnp.broadcast_to(env.reset(k_reset)[0], (PROBE_SAMPLES, N, D))
         return jnp.swapaxes(act(actor, obs, k_act), 0, 1)
@@ -497,7 +496,7 @@ def make_train(args: Args, env: MPEArrays):
 
 # TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
 # --- plumbing: begin ---
-# Identical text in every ddpl_*.py (tests/test_core_identity.py); a script may leave a part unused.
+# Identical text in every ddpl_*.py (tests/test_core_identity.py), but a script leaves out the parts it never calls.
 def parse_args(**kwargs) -> "Args":
     """tyro.cli(Args), with tyro's boxed error condensed to one line on stderr (exit 2)."""
     err = io.StringIO()

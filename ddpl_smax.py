@@ -514,7 +514,7 @@ def make_train(args: Args, env: SMAXArrays):
 
 # TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
 # --- plumbing: begin ---
-# Identical text in every ddpl_*.py (tests/test_core_identity.py); a script may leave a part unused.
+# Identical text in every ddpl_*.py (tests/test_core_identity.py), but a script leaves out the parts it never calls.
 def parse_args(**kwargs) -> "Args":
     """tyro.cli(Args), with tyro's boxed error condensed to one line on stderr (exit 2)."""
     err = io.StringIO()

@@ -9,7 +9,6 @@ Parameters, choices and results: docs/toy_failure_mode.md.
 import contextlib
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -381,8 +380,7 @@ def make_run(args: Args, policy_class: str, pretrain_key):
 # TRY NOT TO MODIFY: running, summarising, plotting and the command line
 def run_all(args: Args):
     """{class: {N: arrays (seeds, N, ...)}}: a seed runs one max(N)-agent game, whose first N agents are the N-team."""
-    key = jax.random.PRNGKey(args.seed)
-    key, k_pre = jax.random.split(key)  # the diffusion class's pretraining, shared by all its lanes
+    key, k_pre = jax.random.split(jax.random.PRNGKey(args.seed))  # k_pre: the diffusion class's shared pretraining
     max_n, results = max(args.num_agents_list), {}
     for policy_class in args.policy_classes:
         key, k_class = jax.random.split(key)
@@ -409,43 +407,39 @@ def summarise(args: Args, results, wall_time):
     return summary | {"wall_time_s": round(wall_time, 2)}
 
 
-def plot(args: Args, results, summary, run_dir):
+def plot(args: Args, results, summary, run_dir: Path):
     """fig1_policy_density.png, fig2_return.png (Fig. 1 and 2 analogues) and success_vs_agents.png (Prop. 3.2)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend, no global state
 
     colors = {"exact": "tab:green", "gaussian": "tab:red", "diffusion": "tab:blue"}
     ns, epochs = sorted(args.num_agents_list), np.arange(1, args.epochs + 1)
 
     def panels(n, width, height):
-        return plt.subplots(1, n, figsize=(width * n, height), sharey=True, squeeze=False)
+        fig = Figure(figsize=(width * n, height), layout="tight")
+        return fig, fig.subplots(1, n, sharey=True, squeeze=False)[0]
 
     def save(fig, ax, ylabel, name):
         ax.set_ylabel(ylabel)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(run_dir, name), dpi=100)
-        plt.close(fig)
+        fig.savefig(run_dir / name, dpi=100)
 
     fig, axes = panels(len(args.figure_epochs), 4, 3)  # Figure 1: s0 density of seed 0, agent 0
-    for j, (ax, e) in enumerate(zip(axes[0], args.figure_epochs, strict=True)):
+    for j, (ax, e) in enumerate(zip(axes, args.figure_epochs, strict=True)):
         for c, by_n in results.items():
             ax.plot(np.linspace(-1, 1, args.grid_size), by_n[ns[0]]["density"][0, 0, j], color=colors[c], label=c)
         ax.axvspan(args.a_star - args.delta, args.a_star + args.delta, color="gold", alpha=0.3)
         ax.set(title=f"epoch {e}", xlabel="action in s0")
-    save(fig, axes[0, 0], "density (seed 0)", "fig1_policy_density.png")
+    save(fig, axes[0], "density (seed 0)", "fig1_policy_density.png")
     fig, axes = panels(len({ns[0], ns[-1]}), 5, 3.5)  # Figure 2: return, smallest and largest N, mean and std
-    for ax, n in zip(axes[0], sorted({ns[0], ns[-1]}), strict=True):
+    for ax, n in zip(axes, sorted({ns[0], ns[-1]}), strict=True):
         for c, by_n in results.items():
             ret = by_n[n]["return"].mean(axis=1)  # (seeds, T) team return per agent-copy
             m, s = ret.mean(0), ret.std(0)
             ax.plot(epochs, m, color=colors[c], label=c)
             ax.fill_between(epochs, m - s, m + s, color=colors[c], alpha=0.2)
         ax.set(title=f"N = {n}", xlabel="epoch")
-    save(fig, axes[0, 0], "average return", "fig2_return.png")
-    fig, ax = plt.subplots(figsize=(5, 3.5))  # Prop. 3.2: success vs N, and q^N from the Gaussian's rate at N = 1
+    save(fig, axes[0], "average return", "fig2_return.png")
+    fig, (ax,) = panels(1, 5, 3.5)  # Prop. 3.2: success vs N, and q^N from the Gaussian's rate at N = 1
     for c in results:
         ax.plot(ns, [summary["success_rate"][c][str(n)] for n in ns], "o-", color=colors[c], label=c)
     if "gaussian" in results and 1 in ns:
@@ -462,9 +456,9 @@ def parse_args(**kwargs) -> "Args":
         with contextlib.redirect_stderr(err):
             return tyro.cli(Args, **kwargs)
     except SystemExit as e:
-        if e.code:
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:]  # the box's first paragraph
-            message = " ".join(lines[: lines.index("")] if "" in lines else lines) or "invalid command line"
+        if e.code:  # the box's first paragraph
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:] + [""]
+            message = " ".join(lines[: lines.index("")]) or "invalid command line"
             print(f"error: {message} (see --help)", file=sys.stderr)
         raise
 
@@ -492,15 +486,15 @@ def main(args: Args) -> int:
     if error := validate(args):
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_dir = os.path.join(args.runs_dir, f"toy__{args.exp_name}__{args.seed}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
-    Path(run_dir, "config.json").write_text(json.dumps(asdict(args), indent=2))
+    run_dir = Path(args.runs_dir, f"toy__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
     print(f"running {len(args.policy_classes)} classes x N in {list(args.num_agents_list)} x {args.num_seeds} seeds")
     start = time.time()
     results = run_all(args)
     summary = summarise(args, results, time.time() - start)
     plot(args, results, summary, run_dir)
-    Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))  # last: it marks a complete run folder
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # last: it marks a complete run folder
     print(f"{'class':>10} " + " ".join(f"N={n:<5}" for n in args.num_agents_list) + "  (success rate)")
     for c, rates in summary["success_rate"].items():
         print(f"{c:>10} " + " ".join(f"{rates[str(n)]:<7.2f}" for n in args.num_agents_list))
