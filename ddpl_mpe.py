@@ -583,7 +583,7 @@ class RunFolder:
             self.rows.append(row)
             if self.args.track:
                 self.wandb_run(seed, labels).log(
-                    {k: v for k, v in row.items() if v != "" and k not in labels}, global_step
+                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
                 )
         self.file.flush()
 
