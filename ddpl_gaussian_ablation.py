@@ -738,7 +738,7 @@ def make_train(args: Args, env, policy: str):
                            steps_per_chunk=steps_per_chunk, num_chunks=num_chunks)  # fmt: skip
 
 
-# TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
+# TRY NOT TO MODIFY: command line, the run folder, the chunk loop with its divergence guard, figures
 # --- plumbing: begin ---
 # Identical text in every ddpl_*.py (tests/test_core_identity.py), but a script leaves out the parts it never calls.
 def parse_args(**kwargs) -> "Args":
