@@ -40,85 +40,47 @@ TOY_HORIZON = 10  # steps per toy episode (ours): s0 is left at the first step; 
 
 @dataclass
 class Args:
-    exp_name: str = "ddpl_gaussian_ablation"
-    """the name of this experiment (part of the run folder's name)"""
-    seed: int = 0
-    """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
-    num_seeds: int = 1
-    """independent runs, vmapped in one process; the seed axis is split over all local devices (a multiple of them)"""
-    track: bool = False
-    """log to Weights & Biases as well (one W&B run per seed and policy class)"""
-    wandb_project_name: str = "ddpl"
-    """the W&B project"""
-    wandb_entity: str | None = None
-    """the W&B entity (team); None: your default"""
-    runs_dir: str = "runs"
-    """parent folder of the run folder"""
+    exp_name: str = "ddpl_gaussian_ablation"  # the name of this experiment (part of the run folder's name)
+    seed: int = 0  # seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)
+    num_seeds: int = 1  # independent runs vmapped in one process, split over all local devices (a multiple of them)
+    track: bool = False  # log to Weights & Biases as well (one W&B run per seed and policy class)
+    wandb_project_name: str = "ddpl"  # the W&B project
+    wandb_entity: str | None = None  # the W&B entity (team); None: your default
+    runs_dir: str = "runs"  # parent folder of the run folder
 
     # What is compared
-    env: Literal["mpe", "smax", "toy"] = "mpe"
-    """mpe (JaxMARL MPE, --env-id), smax (HeuristicEnemySMAX, --map) or toy (the paper's N-agent toy game,
-    --toy-agents; with --env toy the other flags default to TOY_DEFAULTS, shown by --env toy --help)"""
-    env_id: str = "MPE_simple_reference_v3"
-    """with --env mpe: a JaxMARL MPE scenario that accepts action_type="Continuous" (as ddpl_mpe.py)"""
-    map: str = "3s_vs_5z"
-    """with --env smax: an SMAX map (as ddpl_smax.py)"""
-    toy_agents: tuple[int, ...] = (1, 2, 3, 4)
-    """with --env toy: the numbers of agents N, each trained (both classes with --compare) and evaluated in turn"""
-    policy: Literal["gaussian", "diffusion"] = "gaussian"
-    """gaussian (the ablation) or diffusion (DDPL); ignored with --compare, which trains both"""
-    projection: Literal["reverse", "forward"] = "reverse"
-    """how the Gaussian follows pi^t exp(eta Qbar): reverse (KL(pi_theta || target), the paper's) or forward (ours)"""
-    compare: bool = False
-    """train DDPL and the Gaussian variant with the same seeds and budget, one after the other, and compare them"""
-    probe_every: int = 0
-    """env steps between probes of the action distribution at a fixed state (0: off); a multiple of --eval-every"""
+    env: Literal["mpe", "smax", "toy"] = "mpe"  # mpe (--env-id), smax (--map) or toy (N-agent toy game; own defaults)
+    env_id: str = "MPE_simple_reference_v3"  # with --env mpe: a JaxMARL MPE scenario with action_type="Continuous"
+    map: str = "3s_vs_5z"  # with --env smax: an SMAX map (as ddpl_smax.py)
+    toy_agents: tuple[int, ...] = (1, 2, 3, 4)  # with --env toy: the numbers of agents N, trained and evaluated in turn
+    policy: Literal["gaussian", "diffusion"] = "gaussian"  # gaussian (ablation) or diffusion (DDPL); --compare: both
+    projection: Literal["reverse", "forward"] = "reverse"  # Gaussian fit: reverse KL (the paper's) or forward (ours)
+    compare: bool = False  # train DDPL and the Gaussian with the same seeds and budget, and compare
+    probe_every: int = 0  # env steps between probes of pi at a fixed state (0: off); a multiple of --eval-every
 
     # Algorithm specific arguments (the DDPL scripts' defaults)
-    total_timesteps: int = 2_000_000
-    """environment steps per seed (each of the --num-envs envs counts)"""
-    num_envs: int = 20
-    """parallel envs, each stepped once per iteration (Table 3 "rollout batch size")"""
-    buffer_size: int = 200_000
-    """replay buffer capacity in transitions (ours); circular"""
-    learning_starts: int = 10_000
-    """environment steps of uniform random actions before the first update (ours)"""
-    updates_per_iteration: int = 1
-    """U: gradient updates after each vector step (ours)"""
-    batch_size: int = 256
-    """transitions per update (Table 3)"""
-    gamma: float = 0.99
-    """discount factor (ours)"""
-    tau: float = 0.005
-    """Polyak rate of the target critics (Table 3 "smoothing parameter")"""
-    learning_rate: float = 1e-4
-    """Adam learning rate of actors and critics at the start, decayed linearly (Table 3)"""
-    learning_rate_end: float = 5e-5
-    """Adam learning rate at the last update (Table 3)"""
-    hidden_size: int = 256
-    """width of the 3 mish layers of score networks, Gaussian actors and critics (Table 3)"""
-    num_diffusion_steps: int = 20
-    """K: denoising steps of the diffusion policies (Table 3)"""
-    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
-    """beta schedule (ours: cosine, as the DDPL scripts; Table 3's linear 0.001->0.999 makes narrow policies wide)"""
-    eta: float = 1.0
-    """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3), for both classes"""
-    num_action_samples: int = 4
-    """M: actions per state for ISSM, the reverse-KL expectation and the forward fit (ours); >= 2"""
-    issm_batch_size: int = 0
-    """B_p: states of the batch in the policy step, both classes (ours); 0: batch_size // num_action_samples"""
-    weight_rule: Literal["state", "batch", "raw"] = "state"
-    """Qbar's scale in the ISSM softmax (ours): state (its std over each state's M samples), batch (running), raw"""
-    target_ess: float = 0.0
-    """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
-    reward_scale: float = 1.0
-    """multiplies rewards in the TD target (ours)"""
-    team_reward: bool = True
-    """MPE: critics learn the mean reward over agents (identical interest); SMAX's reward is one team reward"""
-    eval_every: int = 20_000
-    """environment steps between evaluations (one jitted chunk of training each)"""
-    num_eval_episodes: int = 50
-    """episodes per seed and evaluation, stochastic policy (paper Sec. 5)"""
+    total_timesteps: int = 2_000_000  # environment steps per seed (each of the --num-envs envs counts)
+    num_envs: int = 20  # parallel envs, each stepped once per iteration (Table 3 "rollout batch size")
+    buffer_size: int = 200_000  # replay buffer capacity in transitions (ours); circular
+    learning_starts: int = 10_000  # environment steps of uniform random actions before the first update (ours)
+    updates_per_iteration: int = 1  # U: gradient updates after each vector step (ours)
+    batch_size: int = 256  # transitions per update (Table 3)
+    gamma: float = 0.99  # discount factor (ours)
+    tau: float = 0.005  # Polyak rate of the target critics (Table 3 "smoothing parameter")
+    learning_rate: float = 1e-4  # Adam learning rate of actors and critics at the start, decayed linearly (Table 3)
+    learning_rate_end: float = 5e-5  # Adam learning rate at the last update (Table 3)
+    hidden_size: int = 256  # width of the 3 mish layers of score networks, Gaussian actors and critics (Table 3)
+    num_diffusion_steps: int = 20  # K: denoising steps of the diffusion policies (Table 3)
+    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"  # beta schedule (ours: cosine; Table 3: linear)
+    eta: float = 1.0  # DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3), for both classes
+    num_action_samples: int = 4  # M: actions per state for ISSM and the Gaussian fits (ours); >= 2
+    issm_batch_size: int = 0  # B_p: states in the policy step, both classes (ours); 0: batch_size // M
+    weight_rule: Literal["state", "batch", "raw"] = "state"  # Qbar's ISSM softmax scale (ours): state std, running, raw
+    target_ess: float = 0.0  # 0: fixed eta; in (0, 1): eta adapts to hold the weights' mean ESS / M at this target
+    reward_scale: float = 1.0  # multiplies rewards in the TD target (ours)
+    team_reward: bool = True  # MPE: critics learn the mean reward over agents; SMAX has one team reward
+    eval_every: int = 20_000  # environment steps between evaluations (one jitted chunk of training each)
+    num_eval_episodes: int = 50  # episodes per seed and evaluation, stochastic policy (paper Sec. 5)
 
 
 # --env toy's defaults (ours): toy_failure_mode.py's discount, 5 seeds, and networks and a budget that train N = 1..4

@@ -38,72 +38,40 @@ INSTALL_HINT = "see docs/ddpl_isaaclab.md: pip install -r requirements-isaaclab.
 
 @dataclass
 class Args:
-    exp_name: str = "ddpl_isaaclab"
-    """the name of this experiment (part of the run folder's name)"""
-    seed: int = 0
-    """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
-    num_seeds: int = 1
-    """independent runs in one process: vmapped parameters; Isaac Sim hosts num_seeds x num_envs envs"""
-    track: bool = False
-    """log to Weights & Biases as well (one W&B run per seed)"""
-    wandb_project_name: str = "ddpl"
-    """the W&B project"""
-    wandb_entity: str | None = None
-    """the W&B entity (team); None: your default"""
-    save_model: bool = False
-    """write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization, no pickle)"""
-    checkpoint: str | None = None
-    """a model.flax written by --save-model; with --eval-only, evaluate it without training"""
-    eval_only: bool = False
-    """evaluate --checkpoint: one episode in each of the --num-envs envs per seed"""
-    runs_dir: str = "runs"
-    """parent folder of the run folder"""
-    device: str = "cuda:0"
-    """the GPU that Isaac Sim, torch and JAX share (AppLauncher's and the env config's device)"""
+    exp_name: str = "ddpl_isaaclab"  # the name of this experiment (part of the run folder's name)
+    seed: int = 0  # seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)
+    num_seeds: int = 1  # independent runs in one process: vmapped parameters; Isaac Sim hosts num_seeds x num_envs envs
+    track: bool = False  # log to Weights & Biases as well (one W&B run per seed)
+    wandb_project_name: str = "ddpl"  # the W&B project
+    wandb_entity: str | None = None  # the W&B entity (team); None: your default
+    save_model: bool = False  # write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization)
+    checkpoint: str | None = None  # a model.flax from --save-model; with --eval-only, evaluate it without training
+    eval_only: bool = False  # evaluate --checkpoint: one episode in each of the --num-envs envs per seed
+    runs_dir: str = "runs"  # parent folder of the run folder
+    device: str = "cuda:0"  # the GPU that Isaac Sim, torch and JAX share (AppLauncher's and the env config's device)
 
     # Algorithm specific arguments
-    task: str = "Isaac-Shadow-Hand-Over-Direct-v0"
-    """an IsaacLab DirectMARLEnv task id (only the Shadow Hand over task was designed for)"""
-    total_timesteps: int = 20_000_000
-    """environment steps per seed (each of the --num-envs envs counts; ours)"""
-    num_envs: int = 256
-    """parallel envs per seed (ours: IsaacLab's default 2048 gives 8x fewer updates per env step)"""
-    buffer_size: int = 500_000
-    """replay buffer capacity in transitions per seed (ours; ~2.5 GB of GPU memory on the Shadow Hand); circular"""
-    learning_starts: int = 25_600
-    """environment steps (all envs of a seed) of uniform random actions before the first update (ours)"""
-    updates_per_iteration: int = 4
-    """U: gradient updates after each vector step (ours; 0 only collects data, for profiling)"""
-    batch_size: int = 256
-    """transitions per update (Table 3)"""
-    gamma: float = 0.99
-    """discount factor (ours)"""
-    tau: float = 0.005
-    """Polyak rate of the target critics (Table 3 "smoothing parameter")"""
-    learning_rate: float = 1e-4
-    """Adam learning rate of actors and critics at the start, decayed linearly (Table 3)"""
-    learning_rate_end: float = 5e-5
-    """Adam learning rate at the last update (Table 3)"""
-    hidden_size: int = 256
-    """width of the 3 mish layers of score networks and critics (Table 3)"""
-    num_diffusion_steps: int = 20
-    """K: denoising steps of every policy (Table 3)"""
-    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
-    """beta schedule of every policy (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
-    eta: float = 1.0
-    """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
-    num_action_samples: int = 4
-    """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
-    issm_batch_size: int = 0
-    """B_p: batch states whose M proposals train the ISSM step (ours); 0: batch_size // num_action_samples (docs)"""
-    weight_rule: Literal["state", "batch", "raw"] = "state"
-    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): each state's std, one running scale, or none"""
-    target_ess: float = 0.0
-    """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
-    reward_scale: float = 1.0
-    """multiplies the team reward in the TD target (ours; the over task's reward is at most ~2 per step)"""
-    eval_every: int = 512_000
-    """environment steps per seed between evaluations (one episode in every env, then training resumes)"""
+    task: str = "Isaac-Shadow-Hand-Over-Direct-v0"  # an IsaacLab DirectMARLEnv task id (written for Shadow Hand over)
+    total_timesteps: int = 20_000_000  # environment steps per seed (each of the --num-envs envs counts; ours)
+    num_envs: int = 256  # parallel envs per seed (ours: IsaacLab's default 2048 gives 8x fewer updates per env step)
+    buffer_size: int = 500_000  # replay buffer capacity in transitions per seed (ours); circular
+    learning_starts: int = 25_600  # environment steps per seed of uniform random actions before the first update (ours)
+    updates_per_iteration: int = 4  # U: gradient updates after each vector step (ours; 0: only collect data)
+    batch_size: int = 256  # transitions per update (Table 3)
+    gamma: float = 0.99  # discount factor (ours)
+    tau: float = 0.005  # Polyak rate of the target critics (Table 3 "smoothing parameter")
+    learning_rate: float = 1e-4  # Adam learning rate of actors and critics at the start, decayed linearly (Table 3)
+    learning_rate_end: float = 5e-5  # Adam learning rate at the last update (Table 3)
+    hidden_size: int = 256  # width of the 3 mish layers of score networks and critics (Table 3)
+    num_diffusion_steps: int = 20  # K: denoising steps of every policy (Table 3)
+    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"  # beta schedule (ours: cosine; Table 3: linear)
+    eta: float = 1.0  # DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")
+    num_action_samples: int = 4  # M: actions per state from pi^t for ISSM (ours); >= 2
+    issm_batch_size: int = 0  # B_p: states whose M proposals train the ISSM step (ours); 0: batch_size // M
+    weight_rule: Literal["state", "batch", "raw"] = "state"  # Qbar's ISSM softmax scale (ours): state std, running, raw
+    target_ess: float = 0.0  # 0: fixed eta; in (0, 1): eta adapts to hold the weights' mean ESS / M at this target
+    reward_scale: float = 1.0  # multiplies the team reward in the TD target (ours)
+    eval_every: int = 512_000  # environment steps per seed between evaluations (one episode in every env)
 
 
 # ALGO LOGIC: environment glue. Dicts of torch tensors keyed by agent <-> stacked JAX arrays, on the env's device.

@@ -63,80 +63,44 @@ DEFAULT_REWARD_SCALE = {"HumanoidStandup": 0.01}  # --reward-scale unless given 
 
 @dataclass
 class Args:
-    exp_name: str = "ddpl_mamujoco"
-    """the name of this experiment (part of the run folder's name)"""
-    seed: int = 0
-    """seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)"""
-    num_seeds: int = 1
-    """independent runs in one process: vmapped parameters, num_seeds x num_envs MuJoCo envs"""
-    track: bool = False
-    """log to Weights & Biases as well (one W&B run per seed)"""
-    wandb_project_name: str = "ddpl"
-    """the W&B project"""
-    wandb_entity: str | None = None
-    """the W&B entity (team); None: your default"""
-    save_model: bool = False
-    """write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization, no pickle)"""
-    checkpoint: str | None = None
-    """a model.flax written by --save-model; with --eval-only, evaluate it without training"""
-    eval_only: bool = False
-    """evaluate --checkpoint (same --seed and --num-eval-episodes reproduce the training run's final evaluation)"""
-    runs_dir: str = "runs"
-    """parent folder of the run folder"""
+    exp_name: str = "ddpl_mamujoco"  # the name of this experiment (part of the run folder's name)
+    seed: int = 0  # seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)
+    num_seeds: int = 1  # independent runs in one process: vmapped parameters, num_seeds x num_envs MuJoCo envs
+    track: bool = False  # log to Weights & Biases as well (one W&B run per seed)
+    wandb_project_name: str = "ddpl"  # the W&B project
+    wandb_entity: str | None = None  # the W&B entity (team); None: your default
+    save_model: bool = False  # write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization)
+    checkpoint: str | None = None  # a model.flax from --save-model; with --eval-only, evaluate it without training
+    eval_only: bool = False  # evaluate --checkpoint without training (same --seed reproduces the final evaluation)
+    runs_dir: str = "runs"  # parent folder of the run folder
 
     # Algorithm specific arguments
-    task: str = "Ant-2x4"
-    """<scenario>-<partition>: Ant-2x4, Ant-4x2, Ant-8x1, HumanoidStandup-17x1 (the paper's) or any the library has"""
-    local_obs: bool = False
-    """agents see MaMuJoCo's per-agent partial observations; default: HARL's full observation plus a one-hot agent id"""
-    symlog_obs: bool = True
-    """policies and critics see sign(x) log(1 + |x|) of observations and state (ours; HumanoidStandup's reach ~1e3)"""
-    max_episode_steps: int = 1000
-    """time limit of an episode (MaMuJoCo's and HARL's 1000); reaching it is truncation, not termination"""
-    total_timesteps: int = 10_000_000
-    """environment steps per seed (each of the --num-envs envs counts; ours: HARL's MaMuJoCo budget)"""
-    num_envs: int = 20
-    """parallel envs per seed, each stepped once per iteration (Table 3 "rollout batch size")"""
-    buffer_size: int = 1_000_000
-    """replay buffer capacity in transitions (ours; 0.9 GB per seed on Ant, 2.9 GB on HumanoidStandup); circular"""
-    learning_starts: int = 10_000
-    """environment steps of uniform random actions before the first update (ours)"""
-    updates_per_iteration: int = 1
-    """U: gradient updates after each vector step (ours; 0 only collects data, for profiling)"""
-    batch_size: int = 256
-    """transitions per update (Table 3)"""
-    gamma: float = 0.99
-    """discount factor (ours)"""
-    tau: float = 0.005
-    """Polyak rate of the target critics (Table 3 "smoothing parameter")"""
-    learning_rate: float = 1e-4
-    """Adam learning rate of actors and critics at the start, decayed linearly (Table 3)"""
-    learning_rate_end: float = 5e-5
-    """Adam learning rate at the last update (Table 3)"""
-    hidden_size: int = 256
-    """width of the 3 mish layers of score networks and critics (Table 3)"""
-    num_diffusion_steps: int = 20
-    """K: denoising steps of every policy (Table 3)"""
-    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
-    """beta schedule of every policy (ours: cosine; Table 3's linear 0.001->0.999 makes narrow policies 3x too wide)"""
-    eta: float = 1.0
-    """DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")"""
-    num_action_samples: int = 4
-    """M: actions per state drawn from pi^t for ISSM; >= 2 since weights are normalised per state (ours)"""
-    issm_batch_size: int = 0
-    """B_p: batch states whose M proposals train the ISSM step (ours); 0: batch_size // num_action_samples (docs)"""
-    weight_rule: Literal["state", "batch", "raw"] = "state"
-    """Qbar's scale in the ISSM softmax (ours, ALGORITHM.md sec. 4): each state's std, one running scale, or none"""
-    target_ess: float = 0.0
-    """0: fixed eta; in (0, 1): eta adapts so the weights' mean effective sample size / M holds at this target"""
-    reward_scale: float | None = None
-    """multiplies rewards in the TD target (ours); None: 0.01 on HumanoidStandup (333 x torso height + 1), else 1"""
-    eval_every: int = 20_000
-    """environment steps between evaluations (one chunk of training each)"""
-    num_eval_episodes: int = 10
-    """episodes per seed and evaluation, stochastic policy (ours: 10; the paper's 50 costs 5x on a CPU)"""
-    probe_every: int = 0
-    """env steps between probes of the action distribution at a fixed state (0: off); a multiple of --eval-every"""
+    task: str = "Ant-2x4"  # <scenario>-<partition>, e.g. Ant-2x4, Ant-4x2, Ant-8x1, HumanoidStandup-17x1 (the paper's)
+    local_obs: bool = False  # per-agent partial observations; default: HARL's full observation plus one-hot agent id
+    symlog_obs: bool = True  # policies and critics see sign(x) log(1 + |x|) of observations and state (ours)
+    max_episode_steps: int = 1000  # episode time limit (MaMuJoCo's and HARL's); reaching it is truncation
+    total_timesteps: int = 10_000_000  # environment steps per seed (each of the --num-envs envs counts; ours: HARL's)
+    num_envs: int = 20  # parallel envs per seed, each stepped once per iteration (Table 3 "rollout batch size")
+    buffer_size: int = 1_000_000  # replay buffer capacity in transitions (ours); circular
+    learning_starts: int = 10_000  # environment steps of uniform random actions before the first update (ours)
+    updates_per_iteration: int = 1  # U: gradient updates after each vector step (ours; 0: only collect data)
+    batch_size: int = 256  # transitions per update (Table 3)
+    gamma: float = 0.99  # discount factor (ours)
+    tau: float = 0.005  # Polyak rate of the target critics (Table 3 "smoothing parameter")
+    learning_rate: float = 1e-4  # Adam learning rate of actors and critics at the start, decayed linearly (Table 3)
+    learning_rate_end: float = 5e-5  # Adam learning rate at the last update (Table 3)
+    hidden_size: int = 256  # width of the 3 mish layers of score networks and critics (Table 3)
+    num_diffusion_steps: int = 20  # K: denoising steps of every policy (Table 3)
+    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"  # beta schedule (ours: cosine; Table 3: linear)
+    eta: float = 1.0  # DecSPG step eta of the target pi^t exp(eta Qbar) (Table 3 "diffusion policy update lr")
+    num_action_samples: int = 4  # M: actions per state from pi^t for ISSM (ours); >= 2
+    issm_batch_size: int = 0  # B_p: states whose M proposals train the ISSM step (ours); 0: batch_size // M
+    weight_rule: Literal["state", "batch", "raw"] = "state"  # Qbar's ISSM softmax scale (ours): state std, running, raw
+    target_ess: float = 0.0  # 0: fixed eta; in (0, 1): eta adapts to hold the weights' mean ESS / M at this target
+    reward_scale: float | None = None  # TD-target reward multiplier (ours); None: 0.01 on HumanoidStandup, else 1
+    eval_every: int = 20_000  # environment steps between evaluations (one chunk of training each)
+    num_eval_episodes: int = 10  # episodes per seed and evaluation, stochastic policy (ours: 10; the paper's 50)
+    probe_every: int = 0  # env steps between probes of pi at a fixed state (0: off); a multiple of --eval-every
 
 
 # ALGO LOGIC: environment glue. num_envs MuJoCo envs in numpy; per-agent observations are gathered on the device.

@@ -26,70 +26,38 @@ import tyro
 
 @dataclass
 class Args:
-    exp_name: str = "toy_failure_mode"
-    """the name of this experiment (part of the run folder's name)"""
-    seed: int = 0
-    """master seed; seeds are vmapped, so one process runs all of them"""
-    num_seeds: int = 20
-    """independent runs per (policy class, number of agents)"""
-    policy_classes: tuple[Literal["exact", "gaussian", "diffusion"], ...] = ("exact", "gaussian", "diffusion")
-    """which policy classes to run, in this order"""
-    num_agents_list: tuple[int, ...] = (1, 2, 3, 4, 5)
-    """numbers of agents N of the game of Sec. 3.2.2 (N = 1 is the single-agent MDP of Sec. 3.2.1)"""
-    epochs: int = 150
-    """epochs T of Algorithm 1"""
-    batch_size: int = 50
-    """actions sampled per state and epoch (Algorithm 1's batch size): the env interaction"""
-    eta: float = 0.5
-    """DecSPG learning rate eta of the energy-based target pi^t exp(eta Qbar)"""
-    gamma: float = 0.9
-    """discount factor"""
-    bump_reward: float = 1.0
-    """c0: height of the easy reward bump at a = 0 in s0"""
-    bump_width: float = 0.1
-    """w0: width of the easy reward bump at a = 0 in s0"""
-    a_star: float = 0.8
-    """action that can move s0 to goal"""
-    delta: float = 0.1
-    """half-width of the window around a_star that can move s0 to goal"""
-    p_goal: float = 0.5
-    """probability of moving to goal for an action within delta of a_star"""
-    goal_reward: float = 1.0
-    """R_g: height of the per-step reward bump in the absorbing goal state"""
-    goal_action: float = -0.5
-    """a_g: centre of the goal reward bump"""
-    goal_width: float = 0.1
-    """w_g: width of the goal reward bump"""
-    init_std: float = 0.5
-    """every class starts from N(0, init_std^2) in both states"""
-    kernel_bandwidth: float = 0.03
-    """h of the kernel regression that estimates Qbar from all samples so far"""
-    kernel_reg: float = 0.5
-    """lambda of the kernel regression: Qbar -> 0 where no sample fell"""
-    grid_size: int = 401
-    """points of the action grid on [-1, 1] (exact class, Qbar estimate, densities)"""
-    num_action_samples: int = 256
-    """M: samples per state and epoch from pi^t, the ISSM proposal and the return estimate"""
-    num_diffusion_steps: int = 20
-    """K: denoising steps of the diffusion policy"""
-    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"
-    """noise schedule of the diffusion policy"""
-    diffusion_hidden: int = 64
-    """width of the toy's score network (3 mish layers; the benchmarks use 256)"""
-    diffusion_updates: int = 12
-    """ISSM Adam steps per epoch (each with fresh diffusion times and noise)"""
-    diffusion_lr: float = 2e-3
-    """Adam learning rate of the score network"""
-    pretrain_steps: int = 1000
-    """DSM steps that fit the initial diffusion policy to N(0, init_std^2) (shared by all lanes)"""
-    gaussian_updates: int = 50
-    """reverse-KL Adam steps per epoch of the Gaussian projection"""
-    gaussian_lr: float = 0.02
-    """Adam learning rate of the Gaussian's (mean, log std)"""
-    figure_epochs: tuple[int, ...] = (20, 100, 130, 150)
-    """epochs whose policy densities are drawn (Figure 1 analogue)"""
-    runs_dir: str = "runs"
-    """parent folder of the run folder"""
+    exp_name: str = "toy_failure_mode"  # the name of this experiment (part of the run folder's name)
+    seed: int = 0  # master seed; seeds are vmapped, so one process runs all of them
+    num_seeds: int = 20  # independent runs per (policy class, number of agents)
+    policy_classes: tuple[Literal["exact", "gaussian", "diffusion"], ...] = ("exact", "gaussian", "diffusion")  # to run
+    num_agents_list: tuple[int, ...] = (1, 2, 3, 4, 5)  # numbers of agents N (Sec. 3.2.2; N = 1: MDP of Sec. 3.2.1)
+    epochs: int = 150  # epochs T of Algorithm 1
+    batch_size: int = 50  # actions sampled per state and epoch (Algorithm 1's batch size): the env interaction
+    eta: float = 0.5  # DecSPG learning rate eta of the energy-based target pi^t exp(eta Qbar)
+    gamma: float = 0.9  # discount factor
+    bump_reward: float = 1.0  # c0: height of the easy reward bump at a = 0 in s0
+    bump_width: float = 0.1  # w0: width of the easy reward bump at a = 0 in s0
+    a_star: float = 0.8  # action that can move s0 to goal
+    delta: float = 0.1  # half-width of the window around a_star that can move s0 to goal
+    p_goal: float = 0.5  # probability of moving to goal for an action within delta of a_star
+    goal_reward: float = 1.0  # R_g: height of the per-step reward bump in the absorbing goal state
+    goal_action: float = -0.5  # a_g: centre of the goal reward bump
+    goal_width: float = 0.1  # w_g: width of the goal reward bump
+    init_std: float = 0.5  # every class starts from N(0, init_std^2) in both states
+    kernel_bandwidth: float = 0.03  # h of the kernel regression that estimates Qbar from all samples so far
+    kernel_reg: float = 0.5  # lambda of the kernel regression: Qbar -> 0 where no sample fell
+    grid_size: int = 401  # points of the action grid on [-1, 1] (exact class, Qbar estimate, densities)
+    num_action_samples: int = 256  # M: samples per state and epoch from pi^t, the ISSM proposal and the return estimate
+    num_diffusion_steps: int = 20  # K: denoising steps of the diffusion policy
+    noise_schedule: Literal["linear", "cosine", "vp"] = "cosine"  # noise schedule of the diffusion policy
+    diffusion_hidden: int = 64  # width of the toy's score network (3 mish layers; the benchmarks use 256)
+    diffusion_updates: int = 12  # ISSM Adam steps per epoch (each with fresh diffusion times and noise)
+    diffusion_lr: float = 2e-3  # Adam learning rate of the score network
+    pretrain_steps: int = 1000  # DSM steps fitting the initial diffusion policy to N(0, init_std^2)
+    gaussian_updates: int = 50  # reverse-KL Adam steps per epoch of the Gaussian projection
+    gaussian_lr: float = 0.02  # Adam learning rate of the Gaussian's (mean, log std)
+    figure_epochs: tuple[int, ...] = (20, 100, 130, 150)  # epochs whose policy densities are drawn (Figure 1 analogue)
+    runs_dir: str = "runs"  # parent folder of the run folder
 
 
 # --- DDPL core: begin ---
