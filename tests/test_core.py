@@ -1,4 +1,4 @@
-"""Unit and statistical tests of the DDPL core (ALGORITHM.md sec. 3-5), imported from toy_failure_mode.py.
+"""Unit and statistical tests of the DDPL core (docs/algorithm.md sec. 3-5), imported from toy_failure_mode.py.
 
 The core block is the same text in every ddpl_*.py (tests/test_core_identity.py), so testing one copy tests all.
 Statistical tests use fixed seeds; the numbers they were tuned against are in their docstrings.
@@ -95,7 +95,7 @@ def test_schedule_posterior_coefficients(name, K):
     # at k = 1 the posterior mean is x0_hat itself (linear: float32 1 - abar_1 gives c1_1 = 1.000013)
     np.testing.assert_allclose(float(sched["c1"][0]), 1.0, atol=5e-5)
     np.testing.assert_allclose(float(sched["c2"][0]), 0.0, atol=5e-5)
-    # sigma_k^2 = b_k: the documented choice of the core (ALGORITHM.md sec. 3 "Measured", test_sampler_fidelity)
+    # sigma_k^2 = b_k: the documented choice of the core (docs/algorithm.md sec. 3 "Measured", test_sampler_fidelity)
     np.testing.assert_allclose(np.asarray(sched["sigma"]), np.sqrt(b), rtol=1e-5)
 
 
@@ -116,7 +116,7 @@ def _random_policy(obs_dim=3, action_dim=2, seed=0):
 
 
 def _reference_sampler(net, params, obs, key, sched, action_dim):
-    """Reverse DDPM chain as a plain Python loop (ALGORITHM.md sec. 3), written independently of sample_actions.
+    """Reverse DDPM chain as a plain Python loop (docs/algorithm.md sec. 3), written independently of sample_actions.
 
     It uses the schedule's own float32 coefficients (checked against float64 in test_schedule_posterior_coefficients),
     so what is compared here is the chain itself: order of steps, key use, clipping, the noise-free last step.
@@ -301,7 +301,7 @@ def test_adaptive_eta_holds_the_weights_ess_at_its_target():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Statistical tests: sampler fidelity and multimodality (paper Sec. 3-4, ALGORITHM.md sec. 3 "Measured")
+# Statistical tests: sampler fidelity and multimodality (paper Sec. 3-4, docs/algorithm.md sec. 3 "Measured")
 # ---------------------------------------------------------------------------------------------------------------------
 def _fit_dsm(net, params, obs, draw_x0, sched, key, steps, lr=1e-3):
     """Plain DSM (eq. 1) with Adam, fresh target samples every step, the whole fit in one jitted lax.scan."""
