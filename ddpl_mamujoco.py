@@ -223,9 +223,9 @@ def buffer_add(buffer: dict, transitions: dict, iteration) -> dict:
 
 
 # --- DDPL core: begin ---
-# Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). ALGORITHM.md sec. 3-5.
+# Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). docs/algorithm.md sec. 3-5.
 def make_noise_schedule(name: str, num_steps: int) -> dict:
-    """Betas b_1..b_K and the DDPM coefficients derived from them (ALGORITHM.md sec. 3)."""
+    """Betas b_1..b_K and the DDPM coefficients derived from them (docs/algorithm.md sec. 3)."""
     K = num_steps
     if name == "linear":  # Table 3: "linear, start 0.001, end 0.999"
         betas = jnp.linspace(1e-3, 0.999, K)
@@ -240,7 +240,7 @@ def make_noise_schedule(name: str, num_steps: int) -> dict:
     alphas, abar = 1.0 - betas, jnp.cumprod(1.0 - betas)
     abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
     # c1, c2: posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7). sigma_k^2 = b_k (ours): with
-    # K = 20 the posterior variance makes broad policies too narrow (ALGORITHM.md sec. 3 "Measured")
+    # K = 20 the posterior variance makes broad policies too narrow (docs/algorithm.md sec. 3 "Measured")
     c1, c2 = jnp.sqrt(abar_prev) * betas / (1.0 - abar), jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar)
     return {"betas": betas, "abar": abar, "c1": c1, "c2": c2, "sigma": jnp.sqrt(betas)}
 
@@ -329,7 +329,7 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
 def issm_weights(q, eta, q_scale=None):
     """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state: with
     pi^t as proposal, pi^{t+1} / pi^t = exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None: each state's own std over its
-    M samples; a number: one scale for every state (ours: --weight-rule, ALGORITHM.md sec. 4)."""
+    M samples; a number: one scale for every state (ours: --weight-rule, docs/algorithm.md sec. 4)."""
     if q_scale is None:
         q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
     else:

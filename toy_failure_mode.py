@@ -61,9 +61,9 @@ class Args:
 
 
 # --- DDPL core: begin ---
-# Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). ALGORITHM.md sec. 3-5.
+# Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). docs/algorithm.md sec. 3-5.
 def make_noise_schedule(name: str, num_steps: int) -> dict:
-    """Betas b_1..b_K and the DDPM coefficients derived from them (ALGORITHM.md sec. 3)."""
+    """Betas b_1..b_K and the DDPM coefficients derived from them (docs/algorithm.md sec. 3)."""
     K = num_steps
     if name == "linear":  # Table 3: "linear, start 0.001, end 0.999"
         betas = jnp.linspace(1e-3, 0.999, K)
@@ -78,7 +78,7 @@ def make_noise_schedule(name: str, num_steps: int) -> dict:
     alphas, abar = 1.0 - betas, jnp.cumprod(1.0 - betas)
     abar_prev = jnp.concatenate([jnp.ones(1), abar[:-1]])
     # c1, c2: posterior mean of x_{k-1} given x_k and x0_hat (Ho et al. 2020, eq. 7). sigma_k^2 = b_k (ours): with
-    # K = 20 the posterior variance makes broad policies too narrow (ALGORITHM.md sec. 3 "Measured")
+    # K = 20 the posterior variance makes broad policies too narrow (docs/algorithm.md sec. 3 "Measured")
     c1, c2 = jnp.sqrt(abar_prev) * betas / (1.0 - abar), jnp.sqrt(alphas) * (1.0 - abar_prev) / (1.0 - abar)
     return {"betas": betas, "abar": abar, "c1": c1, "c2": c2, "sigma": jnp.sqrt(betas)}
 
@@ -167,7 +167,7 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
 def issm_weights(q, eta, q_scale=None):
     """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state: with
     pi^t as proposal, pi^{t+1} / pi^t = exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None: each state's own std over its
-    M samples; a number: one scale for every state (ours: --weight-rule, ALGORITHM.md sec. 4)."""
+    M samples; a number: one scale for every state (ours: --weight-rule, docs/algorithm.md sec. 4)."""
     if q_scale is None:
         q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
     else:
@@ -218,7 +218,7 @@ class TwinCritic(nn.Module):
 # --- DDPL core: end ---
 
 
-# ALGO LOGIC: Algorithm 1 on the toy MDP (ALGORITHM.md sec. 8). States: 0 = s0, 1 = goal (sink is worth 0, no policy).
+# ALGO LOGIC: Algorithm 1 on the toy MDP (docs/algorithm.md sec. 8). 0 = s0, 1 = goal; the sink is worth 0.
 def adam_update(tx, loss, num_steps: int, state, q_grid, actions, key):
     """num_steps Adam steps on loss(params, key_i, old params, q_grid, actions), key_i from split(key, num_steps)."""
 
@@ -275,7 +275,9 @@ def make_run(args: Args, policy_class: str, pretrain_key):
         def sample(state, key):
             return jnp.clip(state[0][:, :1] + jnp.exp(state[0][:, 1:]) * jax.random.normal(key, (2, M)), -1.0, 1.0)
 
-        def loss(g, k, old, q_grid, actions):  # reverse KL to pi^t exp(eta Qbar), reparameterised (ALGORITHM.md sec. 7)
+        def loss(
+            g, k, old, q_grid, actions
+        ):  # reverse KL to pi^t exp(eta Qbar), reparameterised (docs/algorithm.md sec. 7)
             a = g[:, :1] + jnp.exp(g[:, 1:]) * jax.random.normal(k, (2, M))
             q = jax.vmap(jnp.interp, (0, None, 0))(jnp.clip(a, -1, 1), grid, q_grid)
             lp_new, lp_old = log_normal(a, g[:, :1], g[:, 1:]), log_normal(a, old[:, :1], old[:, 1:])
@@ -323,7 +325,7 @@ def make_run(args: Args, policy_class: str, pretrain_key):
         k0, kg = (bump(grid[None, :], 1.0, a[:, None], args.kernel_bandwidth) for a in (a0, ag))  # (B, G) weights K_h
         stats0 = stats0 + jnp.stack([k0.sum(0), k0.T @ r_s0(a0), k0.T @ hit.astype(jnp.float32)])
         statsg = statsg + jnp.stack([kg.sum(0), kg.T @ r_goal(ag)])
-        # Qbar by kernel regression over all samples so far (ALGORITHM.md sec. 8); goal absorbing, sink worth 0
+        # Qbar by kernel regression over all samples so far (docs/algorithm.md sec. 8); goal absorbing, sink worth 0
         r_goal_hat = statsg[1] / (statsg[0] + args.kernel_reg)
         v_goal = jnp.mean(jnp.interp(actions[1], grid, r_goal_hat)) / (1.0 - args.gamma)
         q_s0 = (stats0[1] + args.gamma * v_goal * stats0[2]) / (stats0[0] + args.kernel_reg)

@@ -1,5 +1,5 @@
-"""The DDPL core is the same text in every script (STYLE.md), and so is the plumbing block (command line, run folder,
-chunk loop) of every ddpl_*.py: compare the marked blocks across the repo root."""
+"""The DDPL core is the same text in every script, and so is the harness block (run folder, statistics, learning curve)
+of every ddpl_*.py: compare the marked blocks across the repo root."""
 
 import re
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "# --- DDPL core: begin ---"
 END = "# --- DDPL core: end ---"
-PLUMBING = ("# --- plumbing: begin ---", "# --- plumbing: end ---")
+HARNESS = ("# --- harness: begin ---", "# --- harness: end ---")
 
 
 def core_files() -> list[Path]:
@@ -55,33 +55,31 @@ def test_core_blocks_identical():
     assert differing_blocks(texts) == [], f"DDPL core differs from {next(iter(texts))} in these files"
 
 
-def plumbing_parts(text: str) -> list[str]:
-    """The plumbing block cut into its top-level definitions (the first part keeps the block's header comment)."""
-    return [part.strip("\n") for part in re.split(r"\n\n\n(?=def |class )", core_block(text, *PLUMBING))]
+def harness_parts(text: str) -> list[str]:
+    """The harness block cut into its top-level definitions (the first part keeps the block's header comment)."""
+    return [part.strip("\n") for part in re.split(r"\n\n\n(?=def |class )", core_block(text, *HARNESS))]
 
 
-def test_plumbing_blocks_identical():
-    """ddpl_mpe.py's block is complete; every other script's is the same text with the parts it never calls left out
-    (IsaacLab draws no probes, the ablation saves no model): each part it keeps is identical, in the same order."""
+def test_harness_blocks_identical():
+    """ddpl_mpe.py's block is complete; every other script's is the same text with the parts it never calls left out:
+    each part it keeps is identical, in the same order."""
     texts = {path.name: path.read_text() for path in sorted(REPO_ROOT.glob("ddpl_*.py"))}
     assert len(texts) == 5
-    reference = plumbing_parts(texts["ddpl_mpe.py"])
+    reference = harness_parts(texts["ddpl_mpe.py"])
     for name, text in texts.items():
-        parts = plumbing_parts(text)
+        parts = harness_parts(text)
         assert parts[0] == reference[0] and any(p.startswith("class RunFolder") for p in parts), name
-        assert [p for p in reference if p in parts] == parts, f"{name}: plumbing differs from ddpl_mpe.py's"
+        assert [p for p in reference if p in parts] == parts, f"{name}: harness differs from ddpl_mpe.py's"
         for part in reference[1:]:  # a part left out must not be called, by the script or by a part it kept
             if part not in parts:
                 called = re.match(r"(def|class) (\w+)", part).group(2)
-                assert not re.search(rf"\b{called}\(", text), f"{name} calls {called} but left it out of its plumbing"
+                assert not re.search(rf"\b{called}\(", text), f"{name} calls {called} but left it out of its harness"
         assert len(parts) == len(set(parts)), name
 
 
-def test_plumbing_parts_split_at_top_level_definitions():
-    block = (
-        f"{PLUMBING[0]}\n# header\ndef a():\n    def inner():\n        pass\n\n\nclass B:\n    pass\n{PLUMBING[1]}\n"
-    )
-    assert [p.split("\n")[0] for p in plumbing_parts(block)] == ["# header", "class B:"]
+def test_harness_parts_split_at_top_level_definitions():
+    block = f"{HARNESS[0]}\n# header\ndef a():\n    def inner():\n        pass\n\n\nclass B:\n    pass\n{HARNESS[1]}\n"
+    assert [p.split("\n")[0] for p in harness_parts(block)] == ["# header", "class B:"]
 
 
 def test_helper_detects_one_character_change():
