@@ -480,7 +480,7 @@ class RunFolder:
             if (bad or not finite[i]) and (tag, seed) not in self.diverged:
                 self.diverged[tag, seed] = global_step
                 bad = ", ".join(bad + ([] if finite[i] else ["parameters"]))
-                print(f"{tag}seed {seed} diverged at env step {global_step}: {bad} non-finite", file=sys.stderr)
+                tqdm.write(f"{tag}seed {seed} diverged at env step {global_step}: {bad} non-finite", sys.stderr)
             row = {"global_step": global_step, "seed": seed, **labels} | {k: float(v[i]) for k, v in metrics.items()}
             self.rows.append(row | {"sps": round(sps, 1), "wall_time": round(time.time() - self.start, 2)})
             self.writer.writerow(self.rows[-1])

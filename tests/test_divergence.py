@@ -1,32 +1,87 @@
-"""The divergence guard of every learning script: a non-finite loss, Q or parameter ends the run after its chunk with
-one `diverged` line on stderr and exit code 1, keeping config.json and metrics.csv and writing no summary.json."""
+"""Divergence per seed (the harness's RunFolder.log and every script's main): a seed whose losses, Q or parameters go
+non-finite is reported once on stderr, left out of the summary's statistics and listed in diverged_seeds; the other
+seeds train on; exit code 1. With every seed diverged: exit 1, metrics.csv kept, no summary.json."""
 
-import importlib
+import json
 import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-SCRIPTS = ("ddpl_mpe", "ddpl_smax", "ddpl_mamujoco", "ddpl_isaaclab", "ddpl_gaussian_ablation")
+import ddpl_mpe
+
+TINY = dict(total_timesteps=800, eval_every=400, num_envs=4, learning_starts=200, batch_size=16, hidden_size=16)
+TINY |= dict(num_diffusion_steps=3, num_eval_episodes=2, buffer_size=800)
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_divergence_names_what_went_non_finite(name):
-    divergence = importlib.import_module(name).divergence
-    learner = {"actor": {"w": jnp.ones(3)}, "critic": {"w": jnp.ones(3)}}
-    warm_up = {"critic_loss": np.full(2, np.nan), "actor_loss": np.full(2, np.nan), "q_mean": np.full(2, np.nan)}
-    assert divergence(warm_up, learner) is None  # NaN metrics of a chunk without updates are not a divergence
-    assert divergence({"critic_loss": np.ones(2), "q_mean": np.array([1.0, np.inf])}, learner) == "q_mean non-finite"
-    learner["critic"]["w"] = jnp.array([1.0, np.nan, 0.0])
-    reason = divergence({"critic_loss": np.array([np.nan, 1.0]), "q_mean": np.ones(2)}, learner)
-    assert reason == "critic_loss, critic parameters non-finite"
+def test_run_folder_reports_a_diverged_seed_once_and_keeps_the_others(tmp_path, capsys):
+    run = ddpl_mpe.RunFolder(ddpl_mpe.Args(runs_dir=str(tmp_path)), "env", ("episodic_return", "critic_loss"))
+    learner = {"actor": {"w": jnp.ones((3, 2))}, "critic": {"w": jnp.ones((3, 4))}}
+    warm_up = {"episodic_return": np.ones(3), "critic_loss": np.full(3, np.nan), "q_mean": np.full(3, np.nan)}
+    assert run.log(400, [7, 8, 9], warm_up, learner, 1.0).all()  # NaN losses without updates: not a divergence
+    learner["critic"]["w"] = learner["critic"]["w"].at[1, 2].set(np.nan)  # seed 8's critic
+    metrics = {"episodic_return": np.ones(3), "critic_loss": np.array([1.0, np.nan, 1.0]), "q_mean": np.ones(3)}
+    np.testing.assert_array_equal(run.log(800, [7, 8, 9], metrics, learner, 1.0), [True, False, True])
+    metrics["q_mean"] = np.array([np.inf, 1.0, 1.0])  # seed 7: an infinite Q mean counts at once
+    np.testing.assert_array_equal(run.log(1200, [7, 8, 9], metrics, learner, 1.0), [False, False, True])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "seed 8 diverged at env step 800: critic_loss, parameters non-finite",
+        "seed 7 diverged at env step 1200: q_mean non-finite",
+    ]
+    assert (
+        run.finish({"final_eval_return": ddpl_mpe.stats([1.0])}, {"return": {"eval": ("episodic_return", {})}}, "t")
+        == 1
+    )
+    summary = json.loads((tmp_path / run.name / "summary.json").read_text())
+    assert [(d["seed"], d["global_step"]) for d in summary["diverged_seeds"]] == [(8, 800), (7, 1200)]
+    assert len((tmp_path / run.name / "metrics.csv").read_text().splitlines()) == 1 + 9  # every seed's rows kept
 
 
-def test_absurd_learning_rate_stops_the_run_with_exit_code_1(tmp_path):
+def test_one_seed_of_four_diverges_and_three_finish(tmp_path, monkeypatch, capsys):
+    """Seed 5's critic is poisoned after its first chunk (an injected fault): seeds 3, 4 and 6 train on, the summary
+    holds their statistics, diverged_seeds names seed 5, and main returns 1."""
+    make_train = ddpl_mpe.make_train
+
+    def poisoned(args, env):
+        train = make_train(args, env)
+        init, chunk = train.init, train.chunk
+
+        def init_with_seed(seed):
+            return init(seed) | {"lane_seed": seed}
+
+        def chunk_with_fault(rs, c):
+            rs, metrics = chunk(rs, c)
+            bad = (rs["lane_seed"] == 5) & (c == 0)
+            critic = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), rs["learner"]["critic"])
+            return rs | {"learner": rs["learner"] | {"critic": critic}}, metrics
+
+        train.init, train.chunk = init_with_seed, chunk_with_fault
+        return train
+
+    monkeypatch.setattr(ddpl_mpe, "make_train", poisoned)
+    args = ddpl_mpe.Args(runs_dir=str(tmp_path), seed=3, num_seeds=4, **TINY)
+    assert ddpl_mpe.main(args) == 1
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if "diverged" in ln] == [
+        "seed 5 diverged at env step 400: parameters non-finite"
+    ], err
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [d["seed"] for d in summary["diverged_seeds"]] == [5]
+    rows = [ln.split(",") for ln in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    final = {int(r[1]): float(r[2]) for r in rows if r[0] == "800"}  # episodic_return at the last chunk, per seed
+    assert summary["final_eval_return"]["per_seed"] == [final[3], final[4], final[6]]
+    assert np.isfinite(summary["final_eval_return"]["mean"]) and np.isfinite(summary["best_eval_return"]["mean"])
+
+
+@pytest.mark.slow
+def test_every_seed_diverged_exits_1_without_summary(tmp_path):
     flags = ["--total-timesteps", "800", "--eval-every", "400", "--num-envs", "4", "--learning-starts", "200"]
     flags += ["--batch-size", "16", "--hidden-size", "16", "--num-diffusion-steps", "3", "--num-eval-episodes", "2"]
     flags += ["--learning-rate", "1e30", "--learning-rate-end", "1e30", "--runs-dir", str(tmp_path)]
@@ -34,8 +89,8 @@ def test_absurd_learning_rate_stops_the_run_with_exit_code_1(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 1, out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if "diverged" in line]
-    assert len(lines) == 1 and "env step 400" in lines[0] and "critic parameters" in lines[0], out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
+    assert len(lines) == 1 and lines[0].startswith("seed 0 diverged at env step 400: "), out.stderr[-2000:]
+    assert "parameters non-finite" in lines[0] and "Traceback" not in out.stderr
     (run_dir,) = tmp_path.iterdir()
-    assert sorted(os.listdir(run_dir)) == ["config.json", "metrics.csv"]
+    assert sorted(os.listdir(run_dir)) == ["config.json", "learning_curve.png", "metrics.csv"]
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 2  # header and the diverged chunk's row
