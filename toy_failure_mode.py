@@ -6,8 +6,6 @@ diffusion (a DDPM fitted to the same target by ISSM, eq. 2: DDPL). Each class is
 Parameters, choices and results: docs/toy_failure_mode.md.
 """
 
-import contextlib
-import io
 import json
 import sys
 import time
@@ -419,20 +417,6 @@ def plot(args: Args, results, summary, run_dir: Path):
     save(fig, ax, f"success rate ({args.num_seeds} seeds)", "success_vs_agents.png")
 
 
-def parse_args(**kwargs) -> "Args":
-    """tyro.cli(Args), with tyro's boxed multi-line errors condensed to one line on stderr (exit 2)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args, **kwargs)
-    except SystemExit as e:
-        if e.code:  # the box's first paragraph
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:] + [""]
-            message = " ".join(lines[: lines.index("")]) or "invalid command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise
-
-
 def validate(args: Args) -> str | None:
     """A one-line description of the first invalid flag tyro cannot check, or None. Runs before anything is written."""
     if not args.policy_classes or not args.num_agents_list or min(args.num_agents_list) < 1:
@@ -473,4 +457,4 @@ def main(args: Args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(main(tyro.cli(Args)))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "ddpl_colab.ipynb"
@@ -97,7 +98,7 @@ def help_flags(script):
             module, out = importlib.import_module(script.removesuffix(".py")), io.StringIO()
             sys.argv = [script, "--help"]
             with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-                module.parse_args()
+                tyro.cli(module.Args)
             assert exit_info.value.code in (0, None)
             text = out.getvalue()
     finally:
@@ -163,7 +164,7 @@ def test_run_command_lines_pass_the_scripts_validation(tiny, tmp_path, monkeypat
     for script, argv in calls:
         module = importlib.import_module(script.removesuffix(".py"))
         monkeypatch.setattr(sys, "argv", [script, *argv])
-        assert module.validate(module.parse_args()) is None, (script, argv)
+        assert module.validate(tyro.cli(module.Args)) is None, (script, argv)
     cpu_calls = recorded_runs(load(), tiny, "cpu", tmp_path / "cpu", monkeypatch)
     assert [script for script, _ in cpu_calls] == ["toy_failure_mode.py", "ddpl_mpe.py"]  # SMAX only on a GPU
 
