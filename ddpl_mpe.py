@@ -1,10 +1,8 @@
 """DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on JaxMARL MPE Simple-Reference.
 
-Every agent acts with its own DDPM policy on its local observation; twin averaged-Q critics Qbar_i(s, a_i) on the
-global state and the agent's own action are learned by TD; every policy moves toward pi^t exp(eta Qbar_i) by
-importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. Env steps, the replay buffer and
-all updates run in one jitted lax.scan per chunk, with seeds and agents vmapped. Details: docs/ddpl_mpe.md.
-"""
+Each agent's DDPM policy acts on its own observation and moves toward pi^t exp(eta Qbar_i) by importance-sampling score
+matching (ISSM, eq. 2), Qbar_i(s, a_i) a twin averaged-Q critic. Env steps, replay and updates run in one jitted
+lax.scan per chunk, seeds and agents vmapped. Algorithm: docs/algorithm.md; this script: docs/ddpl_mpe.md."""
 
 import csv
 import importlib.util
@@ -30,17 +28,8 @@ from tqdm import tqdm
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
 METRICS = ("episodic_return", "train_return", "q_first", "disc_return", *UPDATE_METRICS)
 # JaxMARL 0.2.0's MPE scenarios that take action_type="Continuous" (tests/test_mpe.py checks the list)
-ENV_IDS = Literal[
-    "MPE_simple_reference_v3",
-    "MPE_simple_v3",
-    "MPE_simple_tag_v3",
-    "MPE_simple_world_comm_v3",
-    "MPE_simple_spread_v3",
-    "MPE_simple_crypto_v3",
-    "MPE_simple_speaker_listener_v4",
-    "MPE_simple_push_v3",
-    "MPE_simple_adversary_v3",
-]
+MPE_SCENARIOS = "reference_v3 v3 tag_v3 world_comm_v3 spread_v3 crypto_v3 speaker_listener_v4 push_v3 adversary_v3"
+ENV_IDS = Literal[tuple(f"MPE_simple_{name}" for name in MPE_SCENARIOS.split())]
 
 
 @dataclass
@@ -82,8 +71,7 @@ class Args:
 
 # ALGO LOGIC: environment glue. JaxMARL's dicts become arrays with agents on a leading axis.
 class MPEArrays:
-    """An MPE env as arrays: obs (N, obs_dim), learner actions in [-1, 1]^(N, act_dim), rewards (N,). Agents with
-    fewer observation or action dims are zero-padded to the largest (one stacked parameter pytree for all)."""
+    """MPE as arrays: obs (N, D), actions in [-1, 1]^(N, A), rewards (N,); smaller agents' dims zero-padded."""
 
     def __init__(self, env_id: str):
         self.env = jaxmarl.make(env_id, action_type="Continuous")
@@ -106,13 +94,12 @@ class MPEArrays:
         return self.stack_obs(obs), state
 
     def step(self, key, state, action):
-        """One env step -> (next_obs: the true successor, for the buffer; obs: what the policies see next, the reset
-        observation where the episode ended; state, reward, done). step_env + reset: env.step drops the terminal obs."""
+        """-> (next_obs, the true successor, for the buffer; obs, the next input, reset where done; state, r, done)"""
         env_action = {  # learner actions in [-1, 1] mapped affinely onto the box (MPE: [0, 1])
             a: lo + 0.5 * (action[i, :d] + 1.0) * (hi - lo)
             for i, (a, d, lo, hi) in enumerate(zip(self.agents, self.act_dims, self.low, self.high, strict=True))
         }
-        key, key_reset = jax.random.split(key)
+        key, key_reset = jax.random.split(key)  # step_env, then reset: env.step would drop the terminal observation
         obs_st, state_st, reward, dones, _ = self.env.step_env(key, state, env_action)
         obs_re, state_re = self.env.reset(key_reset)
         done = dones["__all__"]
@@ -295,8 +282,7 @@ class TwinCritic(nn.Module):
 
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once, then U updates of every agent's critic and policy.
 def make_train(args: Args, env: MPEArrays):
-    """Per-seed functions (main jits and vmaps them over seeds): init(seed) -> runner state, chunk(state, chunk) ->
-    (state, metrics) for --eval-every env steps in one lax.scan, evaluate(actor, seed, step), critic_value."""
+    """Per-seed functions that main vmaps: init(seed), chunk(state, c) (one lax.scan), evaluate, critic_value."""
     N, D, A = env.num_agents, env.obs_dim, env.act_dim  # agents, (padded) observation and action dims
     E, B, M = args.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
@@ -330,8 +316,7 @@ def make_train(args: Args, env: MPEArrays):
         return rs | {"obs": obs, "ep_return": jnp.zeros(E), "key": key}
 
     def update_agent(p, mine, shared, key):
-        """One critic step and one ISSM step of one agent (vmapped over agents). p: its parameters and optimiser
-        states; mine: its own o_i, a_i, r_i, o_i' (B rows each); shared: the global state s, s' and done."""
+        """One critic and one ISSM step of one agent (vmapped): p its parameters, mine its o, a, r, o'; shared s, s'."""
         k_next, k_prop, k_dsm = jax.random.split(key, 3)
         # Averaged-Q critic (Alg. 2, line 5): global state and OWN action; a_i' ~ pi_i(.|o_i') from the sampler
         next_action = sample_actions(score_net.apply, p["actor"], mine["next_obs"], k_next, sched, A)
@@ -348,9 +333,8 @@ def make_train(args: Args, env: MPEArrays):
         # ISSM (eq. 2) on the first B_p states (rows are i.i.d.): M proposals per state from pi^t, no gradient
         # through the sampler, weights softmax_j(eta * Qbar) with Qbar = min of the twin online critics just updated
         obs, state = mine["obs"][:Bp], shared["state"][:Bp]
-        proposals = sample_actions(
-            score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
-        )
+        obs_m = jnp.broadcast_to(obs[:, None], (Bp, M, D))
+        proposals = sample_actions(score_net.apply, p["actor"], obs_m, k_prop, sched, A)
         q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(state[:, None], (Bp, M, N * D)), proposals))
         weights, temp, ess, eta = issm_temperature(p["temp"], q, args.weight_rule, args.eta, args.target_ess)
         a_loss, grads = jax.value_and_grad(dsm_loss, argnums=1)(
@@ -412,8 +396,7 @@ def make_train(args: Args, env: MPEArrays):
         return rs, metrics | {"train_return": jnp.where(ep_count > 0, ep_sum / ep_count, jnp.nan)}
 
     def evaluate(actor, seed, global_step):
-        """Mean return over agents and --num-eval-episodes episodes (stochastic policy, Sec. 5), the discounted return
-        and the first states and actions (the critic check). The key depends only on (seed, global_step)."""
+        """Mean return (Sec. 5), discounted return, first states and actions (critic check); key from seed and step."""
         key, k_reset = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), global_step))
         obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, args.num_eval_episodes))
 
@@ -421,9 +404,8 @@ def make_train(args: Args, env: MPEArrays):
             obs, env_state, alive, ret, disc, discount = carry
             k_act, k_env = jax.random.split(key)
             action = act(actor, obs, k_act)
-            _, obs, env_state, reward, done = jax.vmap(env.step)(
-                jax.random.split(k_env, args.num_eval_episodes), env_state, action
-            )
+            keys = jax.random.split(k_env, args.num_eval_episodes)
+            _, obs, env_state, reward, done = jax.vmap(env.step)(keys, env_state, action)
             r = alive * reward.mean(axis=-1)
             disc += discount * args.reward_scale * r
             return (obs, env_state, alive * (1.0 - done), ret + r, disc, discount * args.gamma), action
@@ -443,48 +425,41 @@ def make_train(args: Args, env: MPEArrays):
                            steps_per_chunk=steps_per_chunk, num_chunks=num_chunks)  # fmt: skip
 
 
-# TRY NOT TO MODIFY: the run folder (config.json, metrics.csv, W&B, summary.json last), statistics, the learning curve
-# --- harness: begin ---
+# TRY NOT TO MODIFY: the run folder (config.json, metrics.csv, W&B, summary.json last), statistics, the learning curve.
 # Identical text in every ddpl_*.py (tests/test_core_identity.py); a script leaves out the parts it never calls.
+# --- harness: begin ---
 class RunFolder:
-    """runs/<run_name>/: config.json at once, metrics.csv (and W&B) at every log, summary.json last (a folder without
-    it is unfinished). A seed whose loss, Q or parameters go non-finite is reported once and left out of the summary's
-    statistics; its lane trains on. labels: extra columns that tell runs apart (the ablation's policy class)."""
+    """runs/<run_name>/: config.json at once, metrics.csv and W&B at every log, summary.json last (else: unfinished)."""
 
     def __init__(self, args, env_id: str, columns: tuple[str, ...], labels: tuple[str, ...] = ()):
         self.args, self.start, self.rows, self.diverged = args, time.time(), [], {}
-        self.name = f"{env_id}__{args.exp_name}__{args.seed}__{int(self.start)}"
-        self.dir = os.path.join(args.runs_dir, self.name)
+        self.dir = os.path.join(args.runs_dir, f"{env_id}__{args.exp_name}__{args.seed}__{int(self.start)}")
         os.makedirs(self.dir, exist_ok=True)
-        with open(self.path("config.json"), "w") as f:
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
-        self.file = open(self.path("metrics.csv"), "w", newline="")
+        self.file = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
         columns = ("global_step", "seed", *labels, *columns, "sps", "wall_time")
         self.writer = csv.DictWriter(self.file, columns, extrasaction="ignore")
         self.writer.writeheader()
-        if args.track:  # one W&B run for all seeds
-            wandb = importlib.import_module("wandb")
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args))
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
+        wb = importlib.import_module("wandb") if args.track else None  # one W&B run for all seeds
+        self.wandb = wb and wb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args))
 
     def log(self, global_step: int, seeds: list[int], metrics: dict, learner, sps: float, **labels) -> np.ndarray:
-        """One row per seed; reports seeds that went non-finite since the last log. Returns the healthy seeds' mask."""
+        """A row per seed (labels: the ablation's class, N); reports diverged seeds once. -> which never diverged"""
         metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
-        finite = [np.isfinite(x).reshape(len(seeds), -1).all(1) for x in jax.tree.leaves(learner)]
-        tag, finite = "".join(f"{v}/" for v in labels.values()), np.all(finite, axis=0)
+        finite = np.all([np.isfinite(x).reshape(len(seeds), -1).all(1) for x in jax.tree.leaves(learner)], axis=0)
+        tag = "".join(f"{v}/" for v in labels.values())
         for i, seed in enumerate(seeds):
             test = np.isinf if finite[i] else lambda x: ~np.isfinite(x)  # NaN losses alone: a chunk without updates
             bad = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics and test(metrics[k][i])]
             if (bad or not finite[i]) and (tag, seed) not in self.diverged:
-                self.diverged[tag, seed] = global_step
+                self.diverged[tag, seed] = {"seed": seed, "labels": tag, "global_step": global_step}
                 bad = ", ".join(bad + ([] if finite[i] else ["parameters"]))
                 tqdm.write(f"{tag}seed {seed} diverged at env step {global_step}: {bad} non-finite", sys.stderr)
             row = {"global_step": global_step, "seed": seed, **labels} | {k: float(v[i]) for k, v in metrics.items()}
             self.rows.append(row | {"sps": round(sps, 1), "wall_time": round(time.time() - self.start, 2)})
             self.writer.writerow(self.rows[-1])
-        if self.args.track:  # every metric per seed ("seed3/episodic_return"): seeds are never averaged
+        if self.wandb:  # every metric per seed ("seed3/episodic_return"), never averaged over seeds
             data = {f"{tag}seed{s}/{k}": v[i] for k, v in metrics.items() for i, s in enumerate(seeds)}
             self.wandb.log(data | {"global_step": global_step})
         self.file.flush()
@@ -493,18 +468,17 @@ class RunFolder:
     def finish(self, summary: dict | None, panels: dict, title: str) -> int:
         """Draws the learning curve, writes summary.json (None: every seed diverged, so none). -> the exit code."""
         self.file.close()
-        plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
-        diverged = [{"seed": seed, "labels": tag, "global_step": step} for (tag, seed), step in self.diverged.items()]
+        plot_curve(self.rows, os.path.join(self.dir, "learning_curve.png"), title, panels)
         if summary is not None:
-            summary = {"script": os.path.basename(__file__), **summary, "diverged_seeds": diverged}
-            with open(self.path("summary.json"), "w") as f:
+            summary = {"script": os.path.basename(__file__), **summary, "diverged_seeds": list(self.diverged.values())}
+            with open(os.path.join(self.dir, "summary.json"), "w") as f:
                 json.dump(summary | {"wall_time_s": round(time.time() - self.start, 2)}, f, indent=2)
-            finals = {k: v for k, v in summary.items() if k.startswith("final_") and "mean" in v}
-            print("\n".join(f"{k.replace('_', ' ')} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in finals.items()))
-        if self.args.track:
+            finals = {k.replace("_", " "): v for k, v in summary.items() if k.startswith("final_") and "mean" in v}
+            print(*(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in finals.items()), sep="\n")
+        if self.wandb:
             self.wandb.finish()
         print(f"wrote {self.dir}" + ("" if summary else ": every seed diverged, no summary.json"))
-        return 1 if diverged else 0
+        return 1 if self.diverged else 0
 
 
 def stats(values) -> dict:
@@ -541,20 +515,18 @@ def validate(args: Args) -> str | None:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if not 0 <= args.target_ess < 1:
         return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
-    if args.num_action_samples < 2:
-        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
     minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    minimum |= {"num_action_samples": 2}  # ISSM's weights are normalised over each state's M >= 2 proposals
     for name, low in minimum.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
     if not args.num_envs <= args.eval_every <= args.total_timesteps:
         got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
         return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
-    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
-        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
-    if args.learning_rate_end <= 0:
-        return "--learning-rate-end must be > 0"
+    positive = min(args.tau, args.learning_rate, args.learning_rate_end) > 0 and args.eta >= 0
+    if not (0 <= args.gamma <= 1 and args.tau <= 1 and positive):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0, --learning-rate and --learning-rate-end > 0"
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track needs the wandb package (pip install wandb), which is not installed"
     if args.num_seeds % (n := jax.local_device_count()):  # the seed axis is split evenly over the local devices
@@ -570,32 +542,31 @@ def main(args: Args) -> int:
     train, seeds = make_train(args, MPEArrays(args.env_id)), list(range(args.seed, args.seed + args.num_seeds))
     lanes = NamedSharding(Mesh(np.array(jax.local_devices()), ("seed",)), PartitionSpec("seed"))  # seeds over devices
     seed_ids = jax.device_put(jnp.array(seeds, jnp.int32), lanes)
-    print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seed_ids.addressable_shards})
     run = RunFolder(args, args.env_id, METRICS)
     rs = jax.jit(jax.vmap(train.init), out_shardings=lanes)(seed_ids)
     train_chunk = jax.jit(jax.vmap(train.chunk, (0, None)), out_shardings=lanes, donate_argnums=0)
     train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()
     evaluate, critic_value = jax.jit(jax.vmap(train.evaluate, (0, 0, None))), jax.jit(jax.vmap(train.critic_value))
-    devices = {d for leaf in jax.tree.leaves(rs) for d in leaf.devices()}
-    print(f"runner state on {len(devices)} device(s); {train.num_chunks} chunks x {train.steps_per_chunk} steps")
+    devices = {d for leaf in jax.tree.leaves(rs) for d in leaf.devices()}  # where the runner state lives
+    per_device = {str(s.device): np.asarray(s.data).tolist() for s in seed_ids.addressable_shards}
+    print(f"seeds per device: {per_device}; runner state on {len(devices)} device(s); {train.num_chunks} chunks")
     start, returns = time.time(), []
-    bar = tqdm(total=train.num_chunks * train.steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
-    for chunk in range(train.num_chunks):
-        rs, metrics = train_chunk(rs, jnp.int32(chunk))  # --eval-every env steps per seed in one lax.scan
-        global_step = (chunk + 1) * train.steps_per_chunk
-        ret, disc, state, action = evaluate(rs["learner"]["actor"], seed_ids, jnp.int32(global_step))
-        q_first = critic_value(rs["learner"]["critic"], state, action)  # the critic check against disc_return
-        metrics |= {"episodic_return": ret, "disc_return": disc, "q_first": q_first}
-        ok = run.log(global_step, seeds, metrics, rs["learner"], global_step / (time.time() - start))
-        returns.append(np.asarray(ret))
-        bar.update(train.steps_per_chunk)
-        bar.set_postfix(eval=f"{returns[-1][ok].mean():.2f}")
-        if not ok.any():
-            break  # every seed diverged
-    bar.close()
+    with tqdm(total=train.num_chunks * train.steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)") as bar:
+        for chunk in range(train.num_chunks):
+            rs, metrics = train_chunk(rs, jnp.int32(chunk))  # --eval-every env steps per seed in one lax.scan
+            global_step = (chunk + 1) * train.steps_per_chunk
+            ret, disc, state, action = evaluate(rs["learner"]["actor"], seed_ids, jnp.int32(global_step))
+            q_first = critic_value(rs["learner"]["critic"], state, action)  # the critic check against disc_return
+            metrics |= {"episodic_return": ret, "disc_return": disc, "q_first": q_first}
+            ok = run.log(global_step, seeds, metrics, rs["learner"], global_step / (time.time() - start))
+            returns.append(np.asarray(ret))
+            bar.update(train.steps_per_chunk)
+            bar.set_postfix(eval=f"{returns[-1][ok].mean():.2f}")
+            if not ok.any():
+                break  # every seed diverged
     if args.save_model:  # every seed's actor and the flags that rebuild it (benchmarks/evaluate.py)
         model = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
-        with open(run.path("model.flax"), "wb") as f:
+        with open(os.path.join(run.dir, "model.flax"), "wb") as f:
             f.write(flax.serialization.to_bytes(model | {"script": os.path.basename(__file__)}))
     best = max(returns, key=lambda r: r[ok].mean())  # Table 1: the best mean eval return during training
     summary = {"env_id": args.env_id, "total_timesteps": global_step, "num_seeds": args.num_seeds}

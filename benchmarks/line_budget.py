@@ -1,27 +1,27 @@
-"""Where the lines of each script go: the ledger behind issue 19's line targets.
+"""Where the lines of each script go: the ledger behind issue 24's line targets (issue 19's before it).
 
     python benchmarks/line_budget.py
 
 Counts `wc -l` lines of every top-level script (run `ruff format` first: the targets are counted after it) and splits
-them into: the module header and imports, `Args`, the DDPL core and the plumbing (the two blocks shared across
+them into: the module header and imports, `Args`, the DDPL core and the harness (the two blocks shared across
 scripts), `make_train`, `validate`, `main`, and the rest (env glue, other helpers, the blank lines between them).
-`fixed` is what every script carries before its own code: header and imports, Args, core and plumbing. `room` is what
-issue 19's target leaves for everything else, against `own`, what the script's own code takes now.
+`fixed` is what every script carries before its own code: header and imports, Args, core and harness. `room` is what
+issue 24's target leaves for everything else, against `own`, what the script's own code takes now.
 """
 
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGETS = {  # issue 19
-    "ddpl_mpe.py": 550,
-    "ddpl_smax.py": 600,
-    "ddpl_mamujoco.py": 650,
+TARGETS = {  # issue 24; the harness block: <= 80 lines, main: <= 90
+    "ddpl_mpe.py": 580,
+    "ddpl_smax.py": 620,
+    "ddpl_mamujoco.py": 700,
     "ddpl_isaaclab.py": 650,
-    "ddpl_gaussian_ablation.py": 650,
-    "toy_failure_mode.py": 500,
+    "ddpl_gaussian_ablation.py": 950,
+    "toy_failure_mode.py": 520,
 }
-BLOCKS = {"core": "DDPL core", "plumbing": "plumbing"}
+BLOCKS = {"core": "DDPL core", "harness": "harness"}
 
 
 def ledger(path: str) -> dict:
@@ -39,13 +39,13 @@ def ledger(path: str) -> dict:
     row["header"] = min(start for start, _ in spans.values()) - 1
     for name, (start, end) in spans.items():
         row[name] = end - start + 1
-    row["fixed"] = row["header"] + row.get("Args", 0) + row["core"] + row["plumbing"]
+    row["fixed"] = row["header"] + row.get("Args", 0) + row["core"] + row["harness"]
     row["own"] = row["total"] - row["fixed"]
     return row
 
 
 def main():
-    columns = ["total", "header", "Args", "core", "plumbing", "make_train", "validate", "main", "fixed", "own"]
+    columns = ["total", "header", "Args", "core", "harness", "make_train", "validate", "main", "fixed", "own"]
     print(f"{'script':27s}" + "".join(f"{c:>11s}" for c in columns) + f"{'target':>8s}{'room':>6s}")
     for script, target in TARGETS.items():
         row = ledger(os.path.join(ROOT, script))

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT
 TIMING = str(REPO_ROOT / "benchmarks" / "timing.py")
 
 
+@pytest.mark.slow
 def test_gpu_reproduce_smoke_writes_timing_and_mpe_results(tmp_path):
     """benchmarks/gpu_reproduce.sh --smoke: the prepared GPU check on the CPU with tiny budgets. It also covers
     timing.py as tools read it: one row per method, and the ratios line last."""

@@ -339,6 +339,7 @@ def fit_two_gaussians(schedule="cosine", seed=0, steps=1500, batch=512, num_samp
     return np.asarray(a)
 
 
+@pytest.mark.slow
 def test_sampler_fidelity():
     """The default (cosine, K = 20, sigma^2 = b) reproduces a broad and a narrow 1-D Gaussian.
 
@@ -433,6 +434,7 @@ def fit_reverse_kl_gaussian(seed=0, steps=2000, lr=0.02, n=256, num_samples=4000
     return np.asarray(g[0] + jnp.exp(g[1]) * jax.random.normal(k_sample, (num_samples,)))
 
 
+@pytest.mark.slow
 def test_issm_recovers_both_modes():
     """ISSM's claim in miniature: a diffusion policy trained by ISSM keeps both equal modes of pi ∝ exp(E).
 

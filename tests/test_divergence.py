@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,9 @@ def test_run_folder_reports_a_diverged_seed_once_and_keeps_the_others(tmp_path, 
         run.finish({"final_eval_return": ddpl_mpe.stats([1.0])}, {"return": {"eval": ("episodic_return", {})}}, "t")
         == 1
     )
-    summary = json.loads((tmp_path / run.name / "summary.json").read_text())
+    summary = json.loads((Path(run.dir) / "summary.json").read_text())
     assert [(d["seed"], d["global_step"]) for d in summary["diverged_seeds"]] == [(8, 800), (7, 1200)]
-    assert len((tmp_path / run.name / "metrics.csv").read_text().splitlines()) == 1 + 9  # every seed's rows kept
+    assert len((Path(run.dir) / "metrics.csv").read_text().splitlines()) == 1 + 9  # every seed's rows kept
 
 
 def test_one_seed_of_four_diverges_and_three_finish(tmp_path, monkeypatch, capsys):

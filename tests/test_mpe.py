@@ -222,7 +222,7 @@ def test_tyro_rejects_bad_input_with_exit_code_2(tmp_path):
         ({"num_action_samples": 1}, "--num-action-samples must be >= 2"),
         ({"eval_every": 10, "num_envs": 20}, "need --num-envs <= --eval-every <= --total-timesteps"),
         ({"issm_batch_size": 999}, "--issm-batch-size must be 0"),
-        ({"learning_rate_end": 0.0}, "--learning-rate-end must be > 0"),
+        ({"learning_rate_end": 0.0}, "--learning-rate and --learning-rate-end > 0"),
     ],
 )
 def test_invalid_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, expected):
