@@ -3,18 +3,15 @@
 Every ally acts with its own DDPM policy on its local observation (continuous actions); twin averaged-Q critics
 Qbar_i(s, a_i) on the units' scaled features and the agent's own action are learned by TD; every policy moves toward
 pi^t exp(eta Qbar_i) by importance-sampling score matching (ISSM, eq. 2) on M actions drawn from itself. Env steps, the
-replay buffer and all updates run in one jitted lax.scan per chunk, seeds and agents vmapped (docs/ddpl_smax.md).
-"""
+replay buffer and all updates run in one jitted lax.scan per chunk, seeds and agents vmapped (docs/ddpl_smax.md)."""
 
-import contextlib
 import csv
 import importlib.util
-import io
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Literal
 
@@ -28,11 +25,10 @@ import optax
 import tyro
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO, map_name_to_scenario
+from tqdm import tqdm
 
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta", "alive_fraction")
 METRICS = ("episodic_return", "win_rate", "train_return", "train_win_rate", "q_first", "disc_return", *UPDATE_METRICS)
-PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
-POLICY_FIELDS = ("map", "hidden_size", "num_diffusion_steps", "noise_schedule")  # what a checkpoint fixes
 SMAX_MAPS = tuple(sorted(MAP_NAME_TO_SCENARIO))  # --map's choices: the maps map_name_to_scenario knows
 
 
@@ -41,12 +37,10 @@ class Args:
     exp_name: str = "ddpl_smax"  # the name of this experiment (part of the run folder's name)
     seed: int = 0  # seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)
     num_seeds: int = 1  # independent runs vmapped in one process, split over all local devices (a multiple of them)
-    track: bool = False  # log to Weights & Biases as well (one W&B run per seed)
+    track: bool = False  # log to Weights & Biases as well (one run, every metric per seed)
     wandb_project_name: str = "ddpl"  # the W&B project
     wandb_entity: str | None = None  # the W&B entity (team); None: your default
-    save_model: bool = False  # write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization)
-    checkpoint: str | None = None  # a model.flax from --save-model; with --eval-only, evaluate it without training
-    eval_only: bool = False  # evaluate --checkpoint without training (same --seed reproduces the final evaluation)
+    save_model: bool = False  # write every seed's actor to runs/<run_name>/model.flax (benchmarks/evaluate.py plays it)
     runs_dir: str = "runs"  # parent folder of the run folder
 
     # Algorithm specific arguments
@@ -72,12 +66,10 @@ class Args:
     reward_scale: float = 1.0  # multiplies rewards in the TD target (ours)
     eval_every: int = 20_000  # environment steps between evaluations (one jitted chunk of training each)
     num_eval_episodes: int = 50  # episodes per seed and evaluation, stochastic policy (paper Sec. 5)
-    probe_every: int = 0  # env steps between probes of pi at a fixed state (0: off); a multiple of --eval-every
 
 
 # ALGO LOGIC: environment glue. JaxMARL's dicts become arrays with agents (the allies) on a leading axis.
-def valid_maps() -> list[str]:
-    """--map's choices, sorted (benchmarks/timing.py checks its own --map against them)."""
+def valid_maps() -> list[str]:  # --map's choices, sorted (benchmarks/timing.py checks its own --map against them)
     return list(SMAX_MAPS)
 
 
@@ -90,8 +82,7 @@ class SMAXArrays:
     def __init__(self, map_name: str, **smax_kwargs):  # smax_kwargs, e.g. max_steps, go to SMAX (tests use them)
         scenario = map_name_to_scenario(map_name)
         self.env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, action_type="continuous", **smax_kwargs)
-        self.agents = self.env.agents
-        self.num_agents = self.env.num_allies
+        self.agents, self.num_agents = self.env.agents, self.env.num_allies
         self.obs_dim = self.env.observation_space(self.agents[0]).shape[0]
         self.state_dim = (self.env.num_allies + self.env.num_enemies) * len(self.env.own_features)  # every unit
         self.act_dim = len(self.env.continuous_action_dims)  # 4
@@ -124,20 +115,15 @@ class SMAXArrays:
         next_obs, next_world_state = jnp.stack([obs_st[a] for a in self.agents]), self.critic_state(state_st)
         alive, next_alive = state.state.unit_alive, state_st.state.unit_alive  # allies first, then enemies
         allies_dead, enemies_dead = ~next_alive[:n].any(), ~next_alive[n:].any()
-        return {
-            "next_obs": next_obs,
-            "next_world_state": next_world_state,
-            "reward": reward[self.agents[0]],  # the team reward, identical for every ally
-            # a whole team dead ends the episode; the step-101 time limit is truncation (done, not terminal)
-            "terminal": (allies_dead | enemies_dead).astype(jnp.float32),
-            "done": done,
-            "won": enemies_dead & ~allies_dead,  # exactly when SMAX pays the won_battle_bonus
-            "alive": alive[:n],  # allies alive at s
-            "next_alive": next_alive[:n],  # allies alive at s' (before any reset)
-            "obs": jnp.where(done, obs_re, next_obs),
-            "world_state": jnp.where(done, world_state_re, next_world_state),
-            "state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st),
-        }
+        out = {"next_obs": next_obs, "next_world_state": next_world_state}  # the true successor s' (for the buffer)
+        # a whole team dead ends the episode; the step-101 time limit is truncation (done, not terminal)
+        out |= {"terminal": (allies_dead | enemies_dead).astype(jnp.float32), "done": done}
+        # the team reward (identical for every ally); won: exactly when SMAX pays the won_battle_bonus
+        out |= {"reward": reward[self.agents[0]], "won": enemies_dead & ~allies_dead}
+        out |= {"alive": alive[:n], "next_alive": next_alive[:n]}  # allies alive at s and at s' (before any reset)
+        obs, world_state = jnp.where(done, obs_re, next_obs), jnp.where(done, world_state_re, next_world_state)
+        out |= {"obs": obs, "world_state": world_state}  # what the policies see next: reset where the episode ended
+        return out | {"state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st)}
 
 
 def buffer_init(size: int, N: int, D: int, S: int, A: int) -> dict:
@@ -321,7 +307,7 @@ def alive_issm_weights(weights, alive):
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once, then U updates of every agent's critic and policy.
 def make_train(args: Args, env: SMAXArrays):
     """Per-seed functions (main jits and vmaps them over seeds): init(seed) -> runner state, chunk(state, chunk) ->
-    (state, metrics) for --eval-every env steps in one lax.scan, evaluate(actor, seed, step), critic_value, probe."""
+    (state, metrics) for --eval-every env steps in one lax.scan, evaluate(actor, seed, step), critic_value."""
     N, D, S, A = env.num_agents, env.obs_dim, env.state_dim, env.act_dim  # agents, observation, critic state, action
     E, B, M = args.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
@@ -376,9 +362,8 @@ def make_train(args: Args, env: SMAXArrays):
         # ISSM (eq. 2) on the first B_p states (rows are i.i.d.): M proposals per state from pi^t, no gradient
         # through the sampler, weights softmax_j(eta * Qbar) with Qbar = min of the twin online critics just updated
         obs, state, alive = mine["obs"][:Bp], shared["state"][:Bp], mine["alive"][:Bp]
-        proposals = sample_actions(
-            score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
-        )
+        obs_m = jnp.broadcast_to(obs[:, None], (Bp, M, D))
+        proposals = sample_actions(score_net.apply, p["actor"], obs_m, k_prop, sched, A)
         q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(state[:, None], (Bp, M, S)), proposals))
         weights, temp, ess, eta = issm_temperature(p["temp"], q, args.weight_rule, args.eta, args.target_ess, alive)
         a_loss, grads = jax.value_and_grad(dsm_loss, argnums=1)(
@@ -434,8 +419,7 @@ def make_train(args: Args, env: SMAXArrays):
 
     def chunk(rs, chunk):
         iterations = chunk * iters_per_chunk + jnp.arange(iters_per_chunk)
-        # running sums of the finished training episodes' returns and wins, and their count
-        carry = (rs, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        carry = (rs, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))  # sums of finished episodes' returns, wins; count
         (rs, ep_sum, ep_wins, ep_count), (metrics, updated) = jax.lax.scan(iteration_step, carry, iterations)
         metrics = jnp.where(updated.sum() > 0, (metrics * updated[:, None]).sum(axis=0) / updated.sum(), jnp.nan)
         metrics = dict(zip(UPDATE_METRICS, metrics, strict=True))
@@ -468,169 +452,70 @@ def make_train(args: Args, env: SMAXArrays):
         q = jax.vmap(lambda c, a: jnp.minimum(*critic_net.apply(c, state, a)))(critic, jnp.swapaxes(action, 0, 1))
         return q.mean()
 
-    def probe(actor, seed):
-        """PROBE_SAMPLES actions per agent (N, PROBE_SAMPLES, A) at one fixed reset state (the ablation's too)."""
-        k_reset, k_act = jax.random.split(jax.random.PRNGKey(seed))
-        obs = jnp.broadcast_to(env.reset(k_reset)[0], (PROBE_SAMPLES, N, D))
-        return jnp.swapaxes(act(actor, obs, k_act), 0, 1)
-
     steps_per_chunk, num_chunks = iters_per_chunk * E, num_iterations // iters_per_chunk
-    return SimpleNamespace(init=init, chunk=chunk, evaluate=evaluate, critic_value=critic_value, probe=probe,
+    return SimpleNamespace(init=init, chunk=chunk, evaluate=evaluate, critic_value=critic_value,
                            steps_per_chunk=steps_per_chunk, num_chunks=num_chunks)  # fmt: skip
 
 
-# TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
-# --- plumbing: begin ---
-# Identical text in every ddpl_*.py (tests/test_core_identity.py), but a script leaves out the parts it never calls.
-def parse_args(**kwargs) -> "Args":
-    """tyro.cli(Args), with tyro's boxed error condensed to one line on stderr (exit 2)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args, **kwargs)
-    except SystemExit as e:
-        if e.code:  # the box's first paragraph
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:] + [""]
-            message = " ".join(lines[: lines.index("")]) or "invalid command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise
+# TRY NOT TO MODIFY: the run folder (config.json, metrics.csv, W&B, summary.json last), statistics, the learning curve.
+# Identical text in every ddpl_*.py (tests/test_core_identity.py); a script leaves out the parts it never calls.
+# --- harness: begin ---
+class RunFolder:
+    """runs/<run_name>/: config.json at once, metrics.csv and W&B at every log, summary.json last (else: unfinished)."""
 
+    def __init__(self, args, env_id: str, columns: tuple[str, ...], labels: tuple[str, ...] = ()):
+        self.args, self.start, self.rows, self.diverged = args, time.time(), [], {}
+        self.dir = os.path.join(args.runs_dir, f"{env_id}__{args.exp_name}__{args.seed}__{int(self.start)}")
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.file = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
+        columns = ("global_step", "seed", *labels, *columns, "sps", "wall_time")
+        self.writer = csv.DictWriter(self.file, columns, extrasaction="ignore")
+        self.writer.writeheader()
+        wb = importlib.import_module("wandb") if args.track else None  # one W&B run for all seeds
+        self.wandb = wb and wb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args))
 
-def load_checkpoint(args: "Args", fields: tuple[str, ...]) -> tuple["Args", dict]:
-    """--eval-only: args with the checkpoint's `fields` and seed count, and the checkpoint; ValueError if unusable."""
-    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
-        raise ValueError("--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together")
-    if not args.checkpoint:
-        return args, {}
-    try:
-        with open(args.checkpoint, "rb") as f:
-            ckpt = flax.serialization.msgpack_restore(f.read())
-        config, num_seeds = json.loads(ckpt["config"]), len(jax.tree.leaves(ckpt["actor"])[0])
-        return replace(args, **{k: config[k] for k in fields}, num_seeds=num_seeds), ckpt
-    except Exception as e:
-        raise ValueError(f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax of this script ({e!r})") from e
+    def log(self, global_step: int, seeds: list[int], metrics: dict, learner, sps: float, **labels) -> np.ndarray:
+        """A row per seed (labels: the ablation's class, N); reports diverged seeds once. -> which never diverged"""
+        metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
+        finite = np.all([np.isfinite(x).reshape(len(seeds), -1).all(1) for x in jax.tree.leaves(learner)], axis=0)
+        tag = "".join(f"{v}/" for v in labels.values())
+        for i, seed in enumerate(seeds):
+            test = np.isinf if finite[i] else lambda x: ~np.isfinite(x)  # NaN losses alone: a chunk without updates
+            bad = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics and test(metrics[k][i])]
+            if (bad or not finite[i]) and (tag, seed) not in self.diverged:
+                self.diverged[tag, seed] = {"seed": seed, "labels": tag, "global_step": global_step}
+                bad = ", ".join(bad + ([] if finite[i] else ["parameters"]))
+                tqdm.write(f"{tag}seed {seed} diverged at env step {global_step}: {bad} non-finite", sys.stderr)
+            row = {"global_step": global_step, "seed": seed, **labels} | {k: float(v[i]) for k, v in metrics.items()}
+            self.rows.append(row | {"sps": round(sps, 1), "wall_time": round(time.time() - self.start, 2)})
+            self.writer.writerow(self.rows[-1])
+        if self.wandb:  # every metric per seed ("seed3/episodic_return"), never averaged over seeds
+            data = {f"{tag}seed{s}/{k}": v[i] for k, v in metrics.items() for i, s in enumerate(seeds)}
+            self.wandb.log(data | {"global_step": global_step})
+        self.file.flush()
+        return np.array([(tag, seed) not in self.diverged for seed in seeds])
 
-
-def save_checkpoint(path: str, actor, global_step: int, args: "Args"):
-    ckpt = {"actor": actor, "global_step": global_step, "config": json.dumps(asdict(args))}
-    with open(path, "wb") as f:
-        f.write(flax.serialization.to_bytes(ckpt))  # msgpack, no pickle
+    def finish(self, summary: dict | None, panels: dict, title: str) -> int:
+        """Draws the learning curve, writes summary.json (None: every seed diverged, so none). -> the exit code."""
+        self.file.close()
+        plot_curve(self.rows, os.path.join(self.dir, "learning_curve.png"), title, panels)
+        if summary is not None:
+            summary = {"script": os.path.basename(__file__), **summary, "diverged_seeds": list(self.diverged.values())}
+            with open(os.path.join(self.dir, "summary.json"), "w") as f:
+                json.dump(summary | {"wall_time_s": round(time.time() - self.start, 2)}, f, indent=2)
+            finals = {k.replace("_", " "): v for k, v in summary.items() if k.startswith("final_") and "mean" in v}
+            print(*(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in finals.items()), sep="\n")
+        if self.wandb:
+            self.wandb.finish()
+        print(f"wrote {self.dir}" + ("" if summary else ": every seed diverged, no summary.json"))
+        return 1 if self.diverged else 0
 
 
 def stats(values) -> dict:
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
-
-
-def divergence(metrics: dict, learner: dict) -> str | None:
-    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
-    A warm-up chunk logs NaN losses by design, so the parameters decide; infinite losses or Q count at once."""
-    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
-    finite = lambda tree: all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))  # noqa: E731
-    groups = [k for k, v in learner.items() if not finite(v)]
-    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
-    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
-
-
-def seed_placement():
-    """(lanes, whole): the seed axis split over the local devices (1-D mesh "seed"), and a replicated placement."""
-    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
-    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
-
-
-class Stop(Exception):
-    """Ends a run without summary.json: diverged (exit 1)."""
-
-
-class RunFolder:
-    """runs/<run_name>/: config.json at once, metrics.csv and W&B row by row, summary.json last: its presence marks a
-    complete run. log()'s `labels` are extra columns (the ablation's policy class) that also name the W&B runs."""
-
-    def __init__(self, args: "Args", env_id: str, columns: tuple[str, ...]):
-        self.args, self.start, self.rows, self.wandb = args, time.time(), [], {}
-        self.name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(self.start)}"
-        self.dir = os.path.join(args.runs_dir, self.name)
-        os.makedirs(self.dir, exist_ok=True)
-        with open(self.path("config.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        self.file = open(self.path("metrics.csv"), "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=("global_step", "seed", *columns, "sps", "wall_time"))
-        self.writer.writeheader()
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def log(self, global_step: int, seeds: list[int], metrics: dict, sps: float, wall_time: float, **labels):
-        for i, seed in enumerate(seeds):
-            row = dict.fromkeys(self.writer.fieldnames, "") | {"global_step": global_step, "seed": seed, **labels}
-            row |= {k: float(v[i]) for k, v in metrics.items() if k in row} | {"sps": round(sps, 1)}
-            self.writer.writerow(row | {"wall_time": round(wall_time, 2)})
-            self.rows.append(row)
-            if self.args.track:
-                self.wandb_run(seed, labels).log(
-                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
-                )
-        self.file.flush()
-
-    def wandb_run(self, seed: int, labels: dict):
-        """One W&B run per seed (and label), grouped by run name: seeds are never averaged silently."""
-        if (key := (*labels.values(), seed)) not in self.wandb:
-            import wandb
-
-            name, config = "__".join(map(str, (self.name, *key))), asdict(self.args) | labels | {"lane_seed": seed}
-            self.wandb[key] = wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity,
-                                         name=name, group=self.name, config=config, reinit="create_new")  # fmt: skip
-        return self.wandb[key]
-
-    def stop(self, e: BaseException) -> int:
-        print(f"error: {e}" if isinstance(e, Stop) else "interrupted", end="", file=sys.stderr)
-        print(f"; {self.dir} is incomplete (no summary.json)", file=sys.stderr)
-        return 1 if isinstance(e, Stop) else 130
-
-    def finish(self, summary: dict, panels: dict, title: str) -> int:
-        """Draws the learning curve (plot_curve's panels), then writes summary.json and prints the final_* results."""
-        self.file.close()
-        plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
-        summary = {"script": os.path.basename(__file__), **summary, "wall_time_s": round(time.time() - self.start, 2)}
-        with open(self.path("summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        for run in self.wandb.values():
-            run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-            run.finish()
-        for name, value in summary.items():  # final eval return, and final win rate where there is one
-            if name.startswith("final_") and "mean" in value:
-                print(f"{name.replace('_', ' ')} {value['mean']:.3f} +- {value['std']:.3f}")
-        print(f"wrote {self.dir}")
-        return 0
-
-
-def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_fn, probe_fn=None, **labels) -> dict:
-    """chunk_fn(chunk, bar) -> (metrics of per-seed arrays, learner) trains `steps` env steps per seed, then evaluates.
-    Logs every chunk, stops on divergence, takes probe_fn() (--probe-every) at step 0 and every --probe-every steps.
-    Returns the last and the best metrics (highest mean eval return: Table 1's statistic), sps, step and probes."""
-    from tqdm import tqdm
-
-    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {}
-    if probe_fn is not None:
-        probes[0] = np.asarray(probe_fn())
-    tag = ", ".join(f"{k} {v}" for k, v in labels.items())  # the ablation's policy class (and N on the toy)
-    desc = ", ".join([*([tag] if tag else []), f"{len(seeds)} seed(s)"])
-    with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
-        for chunk in range(chunks):
-            metrics, learner = chunk_fn(chunk, bar)
-            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-            global_step, elapsed = (chunk + 1) * steps, time.time() - start
-            run.log(global_step, seeds, metrics, global_step / elapsed, elapsed, **labels)
-            if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
-                raise Stop(f"{tag + ': ' if tag else ''}diverged at env step {global_step}: {reason}")
-            best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
-            if probe_fn is not None and global_step % run.args.probe_every == 0:
-                probes[global_step] = np.asarray(probe_fn())
-            bar.update(global_step - bar.n)
-            shown = {"eval": "episodic_return", "win": "win_rate"}
-            bar.set_postfix({name: f"{metrics[k].mean():.2f}" for name, k in shown.items() if k in metrics})
-    result = {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step}
-    return result | {"probes": {"steps": list(probes), "actions": np.stack(list(probes.values()))} if probes else None}
 
 
 def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
@@ -642,11 +527,9 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
         for (label, (column, where)), color in zip(lines.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
             rows_in = [r for r in rows if all(r[k] == v for k, v in where.items())]
             steps = sorted({r["global_step"] for r in rows_in})
-            values = [
-                [np.nan if r[column] == "" else r[column] for r in rows_in if r["global_step"] == s] for s in steps
-            ]
+            values = np.array([[r.get(column, np.nan) for r in rows_in if r["global_step"] == s] for s in steps])
             if steps and not np.all(np.isnan(values)):  # NaN (nothing logged) leaves a gap
-                mean, std = np.mean(values, axis=1), np.std(values, axis=1)
+                mean, std = np.nanmean(values, axis=1), np.nanstd(values, axis=1)
                 ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
         ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
@@ -655,30 +538,11 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
     fig.savefig(path, dpi=100)
 
 
-def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
-    """Fig. 4 right analogue: per entry of `probes` and probe step, agents 0 and 1's actions (dims `dims`), seed 0."""
-    from matplotlib.figure import Figure
-
-    steps = next(iter(probes.values()))["steps"]
-    fig = Figure(figsize=(2.6 * len(steps), 2.6 * len(probes)), layout="tight")
-    axes = fig.subplots(len(probes), len(steps), squeeze=False)
-    for row, (label, probe) in enumerate(probes.items()):
-        for col, step in enumerate(steps):
-            for agent, color in ((0, "tab:blue"), (1, "tab:red")):
-                a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)][:, list(dims)]
-                axes[row][col].scatter(*a.T, s=2, alpha=0.3, color=color, label=f"agent {agent}")
-            axes[row][col].set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
-            axes[row][col].set_title(f"{label}, {step:,} steps", fontsize=8)
-    axes[0][0].legend(fontsize=7, markerscale=4)
-    fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
-    fig.savefig(path, dpi=100)
-
-
-# --- plumbing: end ---
+# --- harness: end ---
 
 
 def validate(args: Args) -> str | None:
-    """A one-line description of the first invalid flag tyro cannot check, or None. Runs before anything is written."""
+    """The first invalid flag that tyro cannot check, as a one-line message (None: all valid)."""
     if not 0 <= args.issm_batch_size <= args.batch_size:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if not 0 <= args.target_ess < 1:
@@ -693,9 +557,6 @@ def validate(args: Args) -> str | None:
     if not args.num_envs <= args.eval_every <= args.total_timesteps:
         got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
         return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
-    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
-    if args.probe_every < 0 or args.probe_every % chunk:
-        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
     if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
         return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
     if args.learning_rate_end <= 0:
@@ -703,78 +564,57 @@ def validate(args: Args) -> str | None:
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track needs the wandb package (pip install wandb), which is not installed"
     if args.num_seeds % (n := jax.local_device_count()):  # the seed axis is split evenly over the local devices
-        return (f"--num-seeds {args.num_seeds} is not a multiple of the {n} local {jax.default_backend()} devices "
-                f"the seeds are split over; use a multiple of {n}")  # fmt: skip
+        return f"--num-seeds {args.num_seeds} is not a multiple of the {n} local {jax.default_backend()} devices"
     return None
 
 
 def main(args: Args) -> int:
-    try:
-        args, ckpt = load_checkpoint(args, POLICY_FIELDS)  # --eval-only: map and architecture from the checkpoint
-        if error := validate(args):
-            raise ValueError(error)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if error := validate(args):  # nothing is written before the flags are known to be valid
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    env_id, env = f"SMAX_{args.map}", SMAXArrays(args.map)
-    run = RunFolder(args, env_id, METRICS)
-    train = make_train(args, env)
-    lanes, whole = seed_placement()
-    seeds = jax.device_put(jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed, lanes)
-    print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seeds.addressable_shards})
-    # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
-    rs_shape = jax.eval_shape(jax.vmap(train.init), seeds)
-    evaluate = jax.jit(jax.vmap(train.evaluate, (0, 0, None)), in_shardings=(lanes, lanes, whole), out_shardings=lanes)
-    evaluate = evaluate.lower(rs_shape["learner"]["actor"], seeds, jnp.int32(0)).compile()
-    if args.eval_only:
-        step = ckpt["global_step"]
-        returns, wins, disc, *_ = jax.device_get(evaluate(jax.device_put(ckpt["actor"], lanes), seeds, jnp.int32(step)))
-        metrics = {"episodic_return": returns, "win_rate": wins, "disc_return": disc}
-        run.log(step, seeds.tolist(), metrics, 0.0, time.time() - run.start)
-        result = {"last": metrics, "best": metrics, "sps": 0.0, "global_step": step, "probes": None}
-        print(f"eval-only {args.checkpoint} at global_step {step}: episodic_return per seed {returns.tolist()}, "
-              f"win rate per seed {wins.tolist()}")  # fmt: skip
-    else:
-        buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rs_shape["buffer"])) / 1e9
-        print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim}, critic state {env.state_dim}; "
-              f"replay buffer {buffer_gb:.2f} GB for {args.num_seeds} seed(s)", flush=True)  # fmt: skip
-        rs = jax.jit(jax.vmap(train.init), out_shardings=lanes)(seeds)
-        chunk_fn = jax.jit(jax.vmap(train.chunk, (0, None)), in_shardings=(lanes, whole), out_shardings=lanes,
-                           donate_argnums=0).lower(rs, jnp.int32(0)).compile()  # fmt: skip
-        critic_value, probe = jax.jit(jax.vmap(train.critic_value)), jax.jit(jax.vmap(train.probe))
-        devices = {d for leaf in jax.tree.leaves(rs) for d in leaf.devices()}  # where the training state lives
-        print(f"compiled in {time.time() - run.start:.0f} s; runner state on {len(devices)} device(s); "
-              f"{train.num_chunks} chunks x {train.steps_per_chunk} steps")  # fmt: skip
-
-        def train_and_evaluate(chunk, bar):
-            nonlocal rs
-            rs, metrics = chunk_fn(rs, jnp.int32(chunk))
-            step = jnp.int32((chunk + 1) * train.steps_per_chunk)
-            returns, wins, disc, state, action = evaluate(rs["learner"]["actor"], seeds, step)
-            q_first = critic_value(rs["learner"]["critic"], state, action)
-            metrics |= {"episodic_return": returns, "win_rate": wins, "q_first": q_first, "disc_return": disc}
-            return metrics, rs["learner"]
-
-        try:
-            probe_fn = (lambda: probe(rs["learner"]["actor"], seeds)) if args.probe_every else None
-            result = train_loop(
-                run, seeds.tolist(), train.num_chunks, train.steps_per_chunk, train_and_evaluate, probe_fn
-            )
-        except (Stop, KeyboardInterrupt) as e:
-            return run.stop(e)
-        if result["probes"]:  # (probe, seed, agent, sample, action dim); dims 1 and 3: move-vs-shoot and angle / 2pi
-            np.savez(run.path("probes.npz"), **result["probes"])
-            plot_probes({"diffusion": result["probes"]}, (1, 3), run.path("probe.png"), env_id)
-        if args.save_model:
-            save_checkpoint(run.path("model.flax"), rs["learner"]["actor"], result["global_step"], args)
-    summary = {"env_id": env_id, "total_timesteps": result["global_step"], "num_seeds": args.num_seeds}
-    summary |= {"num_devices": jax.local_device_count(), "final_eval_return": stats(result["last"]["episodic_return"])}
-    summary |= {"best_eval_return": stats(result["best"]["episodic_return"]), "sps": result["sps"]}
-    summary |= {"final_win_rate": stats(result["last"]["win_rate"])}
+    # TRY NOT TO MODIFY: build and compile; each chunk: train, evaluate, log, progress; then save and summarise
+    train, seeds = make_train(args, SMAXArrays(args.map)), list(range(args.seed, args.seed + args.num_seeds))
+    lanes = NamedSharding(Mesh(np.array(jax.local_devices()), ("seed",)), PartitionSpec("seed"))  # seeds over devices
+    seed_ids = jax.device_put(jnp.array(seeds, jnp.int32), lanes)
+    print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seed_ids.addressable_shards})
+    run = RunFolder(args, f"SMAX_{args.map}", METRICS)
+    rs = jax.jit(jax.vmap(train.init), out_shardings=lanes)(seed_ids)
+    train_chunk = jax.jit(jax.vmap(train.chunk, (0, None)), out_shardings=lanes, donate_argnums=0)
+    train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()
+    evaluate, critic_value = jax.jit(jax.vmap(train.evaluate, (0, 0, None))), jax.jit(jax.vmap(train.critic_value))
+    devices = {d for leaf in jax.tree.leaves(rs) for d in leaf.devices()}
+    gb = sum(x.nbytes for x in jax.tree.leaves(rs["buffer"])) / 1e9  # SMAX transitions are big
+    print(f"runner state on {len(devices)} device(s), replay buffer {gb:.2f} GB for {args.num_seeds} seed(s); "
+          f"{train.num_chunks} chunks x {train.steps_per_chunk} steps")  # fmt: skip
+    start, returns, wins = time.time(), [], []
+    bar = tqdm(total=train.num_chunks * train.steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
+    for chunk in range(train.num_chunks):
+        rs, metrics = train_chunk(rs, jnp.int32(chunk))  # --eval-every env steps per seed in one lax.scan
+        global_step = (chunk + 1) * train.steps_per_chunk
+        ret, win, disc, state, action = evaluate(rs["learner"]["actor"], seed_ids, jnp.int32(global_step))
+        q_first = critic_value(rs["learner"]["critic"], state, action)  # the critic check against disc_return
+        metrics |= {"episodic_return": ret, "win_rate": win, "disc_return": disc, "q_first": q_first}
+        ok = run.log(global_step, seeds, metrics, rs["learner"], global_step / (time.time() - start))
+        returns.append(np.asarray(ret))
+        wins.append(np.asarray(win))
+        bar.update(train.steps_per_chunk)
+        bar.set_postfix(eval=f"{returns[-1][ok].mean():.2f}", win=f"{wins[-1][ok].mean():.2f}")
+        if not ok.any():
+            break  # every seed diverged
+    bar.close()
+    if args.save_model:  # every seed's actor and the flags that rebuild it (benchmarks/evaluate.py)
+        model = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
+        with open(os.path.join(run.dir, "model.flax"), "wb") as f:
+            f.write(flax.serialization.to_bytes(model | {"script": os.path.basename(__file__)}))
+    best = max(returns, key=lambda r: r[ok].mean())  # Table 1: the best mean eval return during training
+    summary = {"env_id": f"SMAX_{args.map}", "total_timesteps": global_step, "num_seeds": args.num_seeds}
+    summary |= {"num_devices": len(devices), "final_eval_return": stats(returns[-1][ok])}
+    summary |= {"best_eval_return": stats(best[ok]), "sps": round(global_step / (time.time() - start), 1)}
+    summary |= {"final_win_rate": stats(wins[-1][ok])}
     panels = {"return (max 2.0)": {"eval": ("episodic_return", {}), "training episodes": ("train_return", {})}}
     panels |= {"win rate": {"eval": ("win_rate", {}), "training episodes": ("train_win_rate", {})}}
-    return run.finish(summary | {"eval_only": args.eval_only}, panels, f"DDPL on SMAX {args.map}")
+    return run.finish(summary if ok.any() else None, panels, f"DDPL on SMAX {args.map}")
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(main(tyro.cli(Args)))

@@ -35,8 +35,9 @@ def load_model(path: str) -> dict:
     return model
 
 
-def jax_native(env_fn):
-    """ddpl_mpe.py, ddpl_smax.py: main's evaluate, jax.jit(jax.vmap(train.evaluate)), seeds placed as in main."""
+def jax_native(env_fn, names=("episodic_return", "disc_return")):
+    """ddpl_mpe.py, ddpl_smax.py: main's evaluate, jax.jit(jax.vmap(train.evaluate)), seeds placed as in main. names:
+    train.evaluate's leading outputs, in order (the critic check's state and action that follow are not reported)."""
 
     def evaluate(mod, args, actor, global_step: int) -> dict:
         import jax
@@ -47,14 +48,16 @@ def jax_native(env_fn):
         lanes = NamedSharding(Mesh(np.array(jax.local_devices()), ("seed",)), PartitionSpec("seed"))
         seed_ids = jax.device_put(jnp.arange(args.seed, args.seed + args.num_seeds, dtype=jnp.int32), lanes)
         out = jax.jit(jax.vmap(train.evaluate, (0, 0, None)))(jax.device_put(actor, lanes), seed_ids, global_step)
-        names = ("episodic_return", "win_rate", "disc_return") if hasattr(args, "map") else ("episodic_return",)
-        return {name: np.asarray(x) for name, x in zip(names + ("disc_return",), out, strict=False)}
+        return {name: np.asarray(x) for name, x in zip(names, out, strict=False)}
 
     return evaluate
 
 
 EVALUATORS = {
     "ddpl_mpe.py": jax_native(lambda mod, args: mod.MPEArrays(args.env_id)),
+    "ddpl_smax.py": jax_native(
+        lambda mod, args: mod.SMAXArrays(args.map), ("episodic_return", "win_rate", "disc_return")
+    ),
 }
 
 
