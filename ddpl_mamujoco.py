@@ -2,9 +2,7 @@
 
 Every agent (a group of joints) has its own DDPM policy and twin averaged-Q critics Qbar_i(s, a_i) learned by TD, and
 moves toward pi^t exp(eta Qbar_i) by importance-sampling score matching (ISSM, eq. 2). MuJoCo steps in numpy, so the
-env loop is Python; acting, the replay buffer and the updates are jitted, seeds and agents vmapped. Details:
-docs/ddpl_mamujoco.md.
-"""
+env loop is Python, in main; acting, buffer and updates are jitted. docs/algorithm.md, docs/ddpl_mamujoco.md"""
 
 import contextlib
 import csv
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
+from tqdm import tqdm
 
 try:  # importing gymnasium_robotics prints an Adroit notice on stderr: keep bad-input errors to one line
     with contextlib.redirect_stderr(io.StringIO()):
@@ -36,28 +35,17 @@ except Exception as e:  # without mujoco, gymnasium raises DependencyNotInstalle
 
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
 METRICS = ("episodic_return", "episode_length", "train_return", "q_first", "disc_return", *UPDATE_METRICS, "env_share")
-PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
-# what a checkpoint fixes: the policy's inputs and architecture, and the episode that --eval-only plays
-POLICY_FIELDS = tuple(
-    "task local_obs symlog_obs max_episode_steps hidden_size num_diffusion_steps noise_schedule".split()
-)
 PAPER_TASKS = ("Ant-2x4", "Ant-4x2", "Ant-8x1", "HumanoidStandup-17x1")
 # gymnasium-robotics 1.4.2's partitions (obsk.get_parts_and_edges) but CoupledHalfCheetah-1p1, which it fails to build
-LIBRARY_TASKS = tuple(
-    "Ant-2x4 Ant-2x4d Ant-4x2 HalfCheetah-2x3 HalfCheetah-6x1 Hopper-3x1 Humanoid-9|8 HumanoidStandup-9|8 Pusher-3p "
-    "Reacher-2x1 Swimmer-2x1 Walker2d-2x3".split()
-)
-# One joint per agent (the library has none): agent i drives joint i of HARL's order, from the nodes of the partition
-# named first (docs/ddpl_mamujoco.md, "One joint per agent")
-HUMANOID_JOINTS = tuple(
-    "left_shoulder1 left_shoulder2 abdomen_x abdomen_y abdomen_z right_shoulder1 right_shoulder2 right_elbow"
-    " left_elbow left_hip_x left_hip_y left_hip_z right_hip_x right_hip_y right_hip_z right_knee left_knee".split()
-)
-ONE_JOINT_PER_AGENT = {
-    "Ant-8x1": ("4x2", ("hip1", "ankle1", "hip2", "ankle2", "hip3", "ankle3", "hip4", "ankle4")),
-    "Humanoid-17x1": ("9|8", HUMANOID_JOINTS),
-    "HumanoidStandup-17x1": ("9|8", HUMANOID_JOINTS),
-}
+LIBRARY_TASKS = "Ant-2x4 Ant-2x4d Ant-4x2 HalfCheetah-2x3 HalfCheetah-6x1 Hopper-3x1 Humanoid-9|8".split()
+LIBRARY_TASKS += "HumanoidStandup-9|8 Pusher-3p Reacher-2x1 Swimmer-2x1 Walker2d-2x3".split()
+# One joint per agent (the library has none): task -> (the partition whose nodes it takes, HARL's joint order); agent i
+# drives joint i (docs/ddpl_mamujoco.md, "One joint per agent")
+HUMANOID_JOINTS = "left_shoulder1 left_shoulder2 abdomen_x abdomen_y abdomen_z right_shoulder1 right_shoulder2".split()
+HUMANOID_JOINTS += "right_elbow left_elbow left_hip_x left_hip_y left_hip_z right_hip_x right_hip_y right_hip_z".split()
+HUMANOID_JOINTS += ["right_knee", "left_knee"]
+ONE_JOINT_PER_AGENT = {"Ant-8x1": ("4x2", "hip1 ankle1 hip2 ankle2 hip3 ankle3 hip4 ankle4".split())}
+ONE_JOINT_PER_AGENT |= {"Humanoid-17x1": ("9|8", HUMANOID_JOINTS), "HumanoidStandup-17x1": ("9|8", HUMANOID_JOINTS)}
 DEFAULT_REWARD_SCALE = {"HumanoidStandup": 0.01}  # --reward-scale unless given (docs/ddpl_mamujoco.md)
 
 
@@ -66,12 +54,10 @@ class Args:
     exp_name: str = "ddpl_mamujoco"  # the name of this experiment (part of the run folder's name)
     seed: int = 0  # seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)
     num_seeds: int = 1  # independent runs in one process: vmapped parameters, num_seeds x num_envs MuJoCo envs
-    track: bool = False  # log to Weights & Biases as well (one W&B run per seed)
+    track: bool = False  # log to Weights & Biases as well (one run, every metric per seed)
     wandb_project_name: str = "ddpl"  # the W&B project
     wandb_entity: str | None = None  # the W&B entity (team); None: your default
-    save_model: bool = False  # write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization)
-    checkpoint: str | None = None  # a model.flax from --save-model; with --eval-only, evaluate it without training
-    eval_only: bool = False  # evaluate --checkpoint without training (same --seed reproduces the final evaluation)
+    save_model: bool = False  # write every seed's actor to runs/<run_name>/model.flax (benchmarks/evaluate.py plays it)
     runs_dir: str = "runs"  # parent folder of the run folder
 
     # Algorithm specific arguments
@@ -100,7 +86,6 @@ class Args:
     reward_scale: float | None = None  # TD-target reward multiplier (ours); None: 0.01 on HumanoidStandup, else 1
     eval_every: int = 20_000  # environment steps between evaluations (one chunk of training each)
     num_eval_episodes: int = 10  # episodes per seed and evaluation, stochastic policy (ours: 10; the paper's 50)
-    probe_every: int = 0  # env steps between probes of pi at a fixed state (0: off); a multiple of --eval-every
 
 
 # ALGO LOGIC: environment glue. num_envs MuJoCo envs in numpy; per-agent observations are gathered on the device.
@@ -130,7 +115,7 @@ def make_library_env(task: str, **env_kwargs):
 
 
 def env_seed(*entropy: int) -> int:
-    """A MuJoCo reset seed from integers (lane seed, stream, ...): independent streams for training, eval, probe."""
+    """A MuJoCo reset seed from integers (lane seed, stream, ...): independent streams for training and evaluation."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
@@ -140,8 +125,7 @@ class MaMuJoCo:
 
     def __init__(self, task: str, num_envs: int, local_obs: bool, **env_kwargs):  # env_kwargs go to gymnasium.make
         self.envs = [make_library_env(task, **env_kwargs) for _ in range(num_envs)]
-        lib = self.envs[0]
-        single = lib.single_agent_env
+        lib, single = self.envs[0], self.envs[0].single_agent_env
         self.agents = lib.possible_agents
         self.num_agents = N = len(self.agents)
         self.state_dim = S = single.observation_space.shape[0]
@@ -193,15 +177,11 @@ class MaMuJoCo:
     def reset(self, seeds: list[int]) -> np.ndarray:
         return np.stack([env.single_agent_env.reset(seed=s)[0] for env, s in zip(self.envs, seeds, strict=True)])
 
-    def step_env(self, i: int, env_action: np.ndarray):
-        """Env i without reset: (s', reward, terminated, truncated), what the library's step returns minus obs."""
-        return self.envs[i].single_agent_env.step(env_action)[:4]
-
     def step(self, action: np.ndarray) -> dict:
         """All envs one step: "next_state" is the true s' (buffered), "state" the reset one where an episode ended."""
         rows = []
         for i, env_action in enumerate(self.to_env_action(action)):
-            next_state, reward, terminated, truncated = self.step_env(i, env_action)
+            next_state, reward, terminated, truncated = self.envs[i].single_agent_env.step(env_action)[:4]
             done = terminated or truncated  # Ant's fall is terminal (no bootstrap); the time limit only truncates
             state = self.envs[i].single_agent_env.reset()[0] if done else next_state  # unseeded: the env's own RNG
             rows.append((next_state, state, reward, terminated, done))
@@ -390,17 +370,14 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
     N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
     E, B, M = args.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
-    iters_per_chunk = args.eval_every // E
-    num_chunks = args.total_timesteps // (iters_per_chunk * E)
+    iters_per_chunk, num_chunks = args.eval_every // E, args.total_timesteps // (args.eval_every // E * E)
     num_updates = max(1, args.updates_per_iteration * (num_chunks * iters_per_chunk - args.learning_starts // E))
     sched = make_noise_schedule(args.noise_schedule, args.num_diffusion_steps)
     score_net, critic_net = ScoreNet(action_dim=A, hidden=args.hidden_size), TwinCritic(hidden=args.hidden_size)
-    # Table 3: Adam, learning rate linear 1e-4 -> 5e-5 over training, for actors and critics alike
-    tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))
+    tx = optax.adam(optax.linear_schedule(args.learning_rate, args.learning_rate_end, num_updates))  # Table 3, all nets
     squash = symlog if args.symlog_obs else (lambda x: x)
 
-    def observe(state):  # (..., S) -> every agent's (squashed) observation (..., N, D)
-        return squash(env.observe(state))
+    observe = lambda state: squash(env.observe(state))  # noqa: E731  (..., S) -> the agents' observations (..., N, D)
 
     def policy(actor, state, key):
         """Decentralized execution: agent i samples a_i ~ pi_i(.|o_i), o_i gathered from the state. -> (..., N, A)."""
@@ -409,13 +386,10 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
 
     def init(seed):
         key, k_actor, k_critic = jax.random.split(jax.random.PRNGKey(seed), 3)
-        # agents are a stacked leading axis of every parameter pytree: separate parameters, vmapped
-        actor = jax.vmap(score_net.init, (0, None, None, None))(
-            jax.random.split(k_actor, N), jnp.zeros((1, A)), jnp.ones(1, jnp.int32), jnp.zeros((1, D))
-        )
-        critic = jax.vmap(critic_net.init, (0, None, None))(
-            jax.random.split(k_critic, N), jnp.zeros((1, S)), jnp.zeros((1, A))
-        )
+        init_actor = jax.vmap(score_net.init, (0, None, None, None))  # agents: a stacked leading axis of parameters
+        actor = init_actor(jax.random.split(k_actor, N), jnp.zeros((1, A)), jnp.ones(1, jnp.int32), jnp.zeros((1, D)))
+        init_critic = jax.vmap(critic_net.init, (0, None, None))
+        critic = init_critic(jax.random.split(k_critic, N), jnp.zeros((1, S)), jnp.zeros((1, A)))
         learner = {"actor": actor, "critic": critic, "critic_target": critic}
         learner |= {"actor_opt": jax.vmap(tx.init)(actor), "critic_opt": jax.vmap(tx.init)(critic)}
         learner["temp"] = {"log_eta": jnp.zeros(N), "q_scale": jnp.zeros(N)}  # issm_temperature's state per agent
@@ -424,12 +398,8 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
     def act(actor, key, state, iteration):
         """Actions of the E envs, (E, N, A); iteration is not vmapped over seeds, so the cond stays a real branch."""
         key, k_act = jax.random.split(key)
-        action = jax.lax.cond(
-            iteration * E < args.learning_starts,  # warm-up: uniform random actions
-            lambda: jax.random.uniform(k_act, (E, N, A), minval=-1.0, maxval=1.0),
-            lambda: policy(actor, state, k_act),
-        )
-        return key, action
+        warm_up = lambda: jax.random.uniform(k_act, (E, N, A), minval=-1.0, maxval=1.0)  # noqa: E731
+        return key, jax.lax.cond(iteration * E < args.learning_starts, warm_up, lambda: policy(actor, state, k_act))
 
     def update_agent(p, mine, shared, key):
         """Critic and ISSM step of one agent (vmapped); mine: o_i, a_i, o_i'; shared: s, s', r, terminal."""
@@ -450,9 +420,8 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
         # ISSM (eq. 2) on the first B_p states (rows are i.i.d.): M proposals per state from pi^t, no gradient
         # through the sampler, weights softmax_j(eta * Qbar) with Qbar = min of the twin online critics just updated
         obs, state = mine["obs"][:Bp], shared["state"][:Bp]
-        proposals = sample_actions(
-            score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
-        )
+        obs_m = jnp.broadcast_to(obs[:, None], (Bp, M, D))
+        proposals = sample_actions(score_net.apply, p["actor"], obs_m, k_prop, sched, A)
         q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(state[:, None], (Bp, M, S)), proposals))
         weights, temp, ess, eta = issm_temperature(p["temp"], q, args.weight_rule, args.eta, args.target_ess)
         a_loss, grads = jax.value_and_grad(dsm_loss, argnums=1)(
@@ -473,9 +442,8 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
         mine = {k: jnp.swapaxes(v, 0, 1) for k, v in mine.items()}  # agents first
         shared = {"state": squash(batch["state"]), "next_state": squash(batch["next_state"])}
         shared |= {"reward": batch["reward"], "terminal": batch["terminal"]}
-        learner, metrics = jax.vmap(update_agent, in_axes=(0, 0, None, 0))(
-            rs["learner"], mine, shared, jax.random.split(k_agents, N)
-        )
+        update_all = jax.vmap(update_agent, in_axes=(0, 0, None, 0))  # agents
+        learner, metrics = update_all(rs["learner"], mine, shared, jax.random.split(k_agents, N))
         return rs | {"learner": learner}, metrics.mean(axis=0)
 
     def learn(rs, transitions, iteration):
@@ -494,263 +462,108 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
 
     def critic_value(critic, state, action):
         """The critic check: min(Q1, Q2)(s_0, a_i0) of the evaluation episodes' first step, mean over agents."""
-        q = jax.vmap(lambda c, a: jnp.minimum(*critic_net.apply(c, squash(state), a)))(
-            critic, jnp.swapaxes(action, 0, 1)
-        )
-        return q.mean()
+        q = jax.vmap(lambda c, a: jnp.minimum(*critic_net.apply(c, squash(state), a)))
+        return q(critic, jnp.swapaxes(action, 0, 1)).mean()
 
     functions = {"init": init, "act": act, "learn": learn, "policy": policy, "critic_value": critic_value}
-    chunking = {"iters_per_chunk": iters_per_chunk, "steps_per_chunk": iters_per_chunk * E, "num_chunks": num_chunks}
-    return SimpleNamespace(**functions, **chunking)
+    sizes = {"iters_per_chunk": iters_per_chunk, "steps_per_chunk": iters_per_chunk * E, "num_chunks": num_chunks}
+    return SimpleNamespace(**functions, **sizes, state_dim=S)
 
 
-# ALGO LOGIC: the Python env loop. Every seed's envs step in this process between the jitted, seed-vmapped calls.
-def evaluate(envs: list[MaMuJoCo], eval_act, actor, seeds: list[int], global_step: int, args: Args):
-    """One episode per eval env, stochastic policy (Sec. 5), seeded by (seed, global_step) -> per seed the mean return,
-    length and discounted return sum_t gamma^t reward_scale r_t, and the first states and actions (critic check)."""
-    n = len(envs[0].envs)
-    state = [env.reset([env_seed(s, 1, global_step, i) for i in range(n)]) for env, s in zip(envs, seeds, strict=True)]
-    state = np.stack(state).astype(np.float32)
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), global_step) for s in seeds])
-    running, (ret, length, disc) = np.ones((len(seeds), n), bool), np.zeros((3, len(seeds), n))
-    first_state, first_action = state.copy(), None
-    for t in range(args.max_episode_steps):
-        action = np.asarray(eval_act(actor, state, keys, np.int32(t)))
-        first_action = action if first_action is None else first_action
-        env_action = envs[0].to_env_action(action)
-        for s, i in zip(*np.nonzero(running), strict=True):  # finished envs are not stepped (their action is ignored)
-            next_state, reward, terminated, truncated = envs[s].step_env(i, env_action[s, i])
-            state[s, i], ret[s, i], length[s, i] = next_state, ret[s, i] + reward, t + 1
-            disc[s, i] += args.gamma**t * args.reward_scale * reward
-            running[s, i] = not (terminated or truncated)
-        if not running.any():
-            break
-    return ret.mean(axis=1), length.mean(axis=1), disc.mean(axis=1), first_state, first_action
+# ALGO LOGIC: evaluation. MuJoCo steps in this process between calls of the jitted, seed-vmapped policy.
+def make_evaluate(args: Args, train: SimpleNamespace, seeds: list[int]):
+    """main's evaluation, which benchmarks/evaluate.py replays from a model.flax: --num-eval-episodes envs per seed and
+    the policy compiled ahead of time for the actor's shapes, so both run the same program (bit for bit on CPU)."""
+    n, S = args.num_eval_episodes, train.state_dim  # eval envs per seed: one episode each
+    envs = MaMuJoCo(args.task, len(seeds) * n, args.local_obs, max_episode_steps=args.max_episode_steps)
+    actor = jax.eval_shape(jax.vmap(train.init), jnp.asarray(seeds, jnp.int32))["learner"]["actor"]
+    shapes = (jax.ShapeDtypeStruct((len(seeds), n, S), jnp.float32), jax.ShapeDtypeStruct((len(seeds), 2), jnp.uint32))
+    act = jax.jit(jax.vmap(lambda p, s, key, t: train.policy(p, s, jax.random.fold_in(key, t)), (0, 0, 0, None)))
+    act = act.lower(actor, *shapes, np.int32(0)).compile()
+
+    def evaluate(actor, global_step: int):
+        """One episode per eval env, stochastic policy (Sec. 5), env seeds and action keys from (seed, global_step) ->
+        per seed the mean return, length, discounted return (sum_t gamma^t reward_scale r_t), first states, actions."""
+        state = envs.reset([env_seed(s, 1, global_step, i) for s in seeds for i in range(n)])
+        state = state.reshape(len(seeds), n, S).astype(np.float32)
+        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), global_step) for s in seeds])
+        running, (ret, length, disc) = np.ones((len(seeds), n), bool), np.zeros((3, len(seeds), n))
+        first_state, first_action, lib = state.copy(), None, [e.single_agent_env for e in envs.envs]
+        for t in range(args.max_episode_steps):
+            action = np.asarray(act(actor, state, keys, np.int32(t)))
+            first_action = action if first_action is None else first_action
+            env_action = envs.to_env_action(action)
+            for s, i in zip(*np.nonzero(running), strict=True):  # finished envs are not stepped (their action: ignored)
+                next_state, reward, terminated, truncated = lib[s * n + i].step(env_action[s, i])[:4]
+                state[s, i], ret[s, i], length[s, i] = next_state, ret[s, i] + reward, t + 1
+                disc[s, i] += args.gamma**t * args.reward_scale * reward
+                running[s, i] = not (terminated or truncated)
+            if not running.any():
+                break
+        return ret.mean(axis=1), length.mean(axis=1), disc.mean(axis=1), first_state, first_action
+
+    return evaluate
 
 
-class EnvLoop:
-    """Training: every seed's envs with the jitted, seed-vmapped act and learn (runner state donated: the buffer is
-    updated in place). chunk(chunk, bar) is train_loop's chunk_fn, probe() its probe_fn."""
+# TRY NOT TO MODIFY: the run folder (config.json, metrics.csv, W&B, summary.json last), statistics, the learning curve.
+# Identical text in every ddpl_*.py (tests/test_core_identity.py); a script leaves out the parts it never calls.
+# --- harness: begin ---
+class RunFolder:
+    """runs/<run_name>/: config.json at once, metrics.csv and W&B at every log, summary.json last (else: unfinished)."""
 
-    def __init__(self, args: Args, train: SimpleNamespace, seeds: list[int], eval_envs: list[MaMuJoCo], eval_act):
-        self.args, self.train, self.seeds, self.eval_envs, self.eval_act = args, train, seeds, eval_envs, eval_act
-        E, N, A, start = args.num_envs, eval_envs[0].num_agents, eval_envs[0].act_dim, time.time()
-        self.rs = jax.jit(jax.vmap(train.init))(jnp.asarray(seeds, jnp.int32))
-        gb, obs = sum(x.nbytes for x in jax.tree.leaves(self.rs["buffer"])) / 1e9, "local" if args.local_obs else "full"
-        dims = f"MaMuJoCo_{args.task}: {N} agents, obs {eval_envs[0].obs_dim} ({obs}), state {eval_envs[0].state_dim}"
-        print(f"{dims}, actions {A}, reward scale {args.reward_scale}; buffer {gb:.2f} GB; compiling", flush=True)
-        self.envs = [MaMuJoCo(args.task, E, args.local_obs, max_episode_steps=args.max_episode_steps) for _ in seeds]
-        state = [e.reset([env_seed(s, 0, i) for i in range(E)]) for e, s in zip(self.envs, seeds, strict=True)]
-        self.state = np.stack(state).astype(np.float32)  # (seed, env, S): what the policies see
-        self.act = jax.jit(jax.vmap(train.act, in_axes=(0, 0, 0, None)))
-        self.act = self.act.lower(self.rs["learner"]["actor"], self.rs["key"], self.state, np.int32(0)).compile()
-        example = {"state": self.state, "next_state": self.state, "reward": self.state[..., 0]}
-        example |= {"terminal": self.state[..., 0], "action": np.zeros((len(seeds), E, N, A), np.float32)}
-        self.learn = jax.jit(jax.vmap(train.learn, in_axes=(0, 0, None)), donate_argnums=0)
-        self.learn = self.learn.lower(self.rs, example, np.int32(0)).compile()
-        self.critic_value = jax.jit(jax.vmap(train.critic_value))
-        print(f"compiled in {time.time() - start:.0f} s; {train.num_chunks} chunks x {train.steps_per_chunk} steps")
-        if args.probe_every:  # PROBE_SAMPLES actions per agent at a fixed start state (reset with seed [seed, 2])
-            envs = [e.envs[0].single_agent_env for e in eval_envs]
-            reset = np.stack([env.reset(seed=env_seed(s, 2))[0] for env, s in zip(envs, seeds, strict=True)])
-            self.probe_state = np.repeat(reset[:, None], PROBE_SAMPLES, axis=1).astype(np.float32)
-            self.probe_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-            self.probe_fn = jax.jit(jax.vmap(lambda actor, s, k: jnp.swapaxes(train.policy(actor, s, k), 0, 1)))
-        self.ep_return = np.zeros((len(seeds), E))
-        self.times = np.zeros(3)  # seconds: training (MuJoCo steps included), MuJoCo steps, evaluation
+    def __init__(self, args, env_id: str, columns: tuple[str, ...], labels: tuple[str, ...] = ()):
+        self.args, self.start, self.rows, self.diverged = args, time.time(), [], {}
+        self.dir = os.path.join(args.runs_dir, f"{env_id}__{args.exp_name}__{args.seed}__{int(self.start)}")
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.file = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
+        columns = ("global_step", "seed", *labels, *columns, "sps", "wall_time")
+        self.writer = csv.DictWriter(self.file, columns, extrasaction="ignore")
+        self.writer.writeheader()
+        wb = importlib.import_module("wandb") if args.track else None  # one W&B run for all seeds
+        self.wandb = wb and wb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args))
 
-    def probe(self):  # (seed, agent, sample, action dim)
-        return self.probe_fn(self.rs["learner"]["actor"], self.probe_state, self.probe_keys)
+    def log(self, global_step: int, seeds: list[int], metrics: dict, learner, sps: float, **labels) -> np.ndarray:
+        """A row per seed (labels: the ablation's class, N); reports diverged seeds once. -> which never diverged"""
+        metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
+        finite = np.all([np.isfinite(x).reshape(len(seeds), -1).all(1) for x in jax.tree.leaves(learner)], axis=0)
+        tag = "".join(f"{v}/" for v in labels.values())
+        for i, seed in enumerate(seeds):
+            test = np.isinf if finite[i] else lambda x: ~np.isfinite(x)  # NaN losses alone: a chunk without updates
+            bad = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics and test(metrics[k][i])]
+            if (bad or not finite[i]) and (tag, seed) not in self.diverged:
+                self.diverged[tag, seed] = {"seed": seed, "labels": tag, "global_step": global_step}
+                bad = ", ".join(bad + ([] if finite[i] else ["parameters"]))
+                tqdm.write(f"{tag}seed {seed} diverged at env step {global_step}: {bad} non-finite", sys.stderr)
+            row = {"global_step": global_step, "seed": seed, **labels} | {k: float(v[i]) for k, v in metrics.items()}
+            self.rows.append(row | {"sps": round(sps, 1), "wall_time": round(time.time() - self.start, 2)})
+            self.writer.writerow(self.rows[-1])
+        if self.wandb:  # every metric per seed ("seed3/episodic_return"), never averaged over seeds
+            data = {f"{tag}seed{s}/{k}": v[i] for k, v in metrics.items() for i, s in enumerate(seeds)}
+            self.wandb.log(data | {"global_step": global_step})
+        self.file.flush()
+        return np.array([(tag, seed) not in self.diverged for seed in seeds])
 
-    def chunk(self, chunk: int, bar) -> tuple[dict, dict]:
-        """--eval-every env steps per seed of training, then the evaluation -> (metrics per seed, learner)."""
-        E, n, num_seeds = self.args.num_envs, self.train.iters_per_chunk, len(self.seeds)
-        start, env_time, updates, ep_stats = time.time(), 0.0, [], np.zeros((2, num_seeds))
-        for iteration in range(chunk * n, (chunk + 1) * n):
-            key, action = self.act(self.rs["learner"]["actor"], self.rs["key"], self.state, np.int32(iteration))
-            action = np.asarray(action)  # (seed, env, N, A), in [-1, 1]
-            env_start = time.time()
-            out = [e.step(a) for e, a in zip(self.envs, action, strict=True)]
-            out = {k: np.stack([o[k] for o in out]) for k in out[0]}
-            env_time += time.time() - env_start
-            transitions = {"state": self.state, "action": action, "next_state": out["next_state"]}
-            transitions |= {"reward": out["reward"], "terminal": out["terminal"]}
-            self.ep_return += out["reward"]
-            ep_stats += [(self.ep_return * out["done"]).sum(axis=1), out["done"].sum(axis=1)]
-            self.ep_return *= 1.0 - out["done"]
-            self.state = out["state"]
-            self.rs, metrics, updated = self.learn(self.rs | {"key": key}, transitions, np.int32(iteration))
-            updates.append((metrics, updated))
-            bar.update(E)
-        jax.block_until_ready(self.rs["learner"])  # the last update, dispatched asynchronously, counts as training
-        train_time = time.time() - start
-        learner, global_step = self.rs["learner"], (chunk + 1) * n * E
-        evaluation = evaluate(self.eval_envs, self.eval_act, learner["actor"], self.seeds, global_step, self.args)
-        returns, lengths, disc, state, action = evaluation
-        q_first = np.asarray(self.critic_value(learner["critic"], state, action))
-        self.times += (train_time, env_time, time.time() - start - train_time)
-        metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
-        count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
-        mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
-        train_return = np.where(ep_stats[1] > 0, ep_stats[0] / np.maximum(ep_stats[1], 1), np.nan)
-        metrics = dict(zip(UPDATE_METRICS, mean.T, strict=True)) | {"train_return": train_return, "q_first": q_first}
-        metrics |= {"episodic_return": returns, "episode_length": lengths, "disc_return": disc}
-        return metrics | {"env_share": np.full(num_seeds, env_time / train_time)}, learner
-
-    def timing(self, total_timesteps: int) -> dict:
-        """Where the time went, for summary.json: env steps/s of training alone and the MuJoCo share of it."""
-        (train, env, eval_), sps = self.times, round(total_timesteps / self.times[0], 1)
-        print(f"training {train:.0f} s ({sps} env steps/s per seed, MuJoCo {env / train:.1%}), eval {eval_:.0f} s")
-        times = {"train_time_s": train, "env_time_s": env, "eval_time_s": eval_}
-        return {k: round(float(v), 2) for k, v in times.items()} | {"train_sps": sps}
-
-
-# TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
-# --- plumbing: begin ---
-# Identical text in every ddpl_*.py (tests/test_core_identity.py), but a script leaves out the parts it never calls.
-def parse_args(**kwargs) -> "Args":
-    """tyro.cli(Args), with tyro's boxed error condensed to one line on stderr (exit 2)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args, **kwargs)
-    except SystemExit as e:
-        if e.code:  # the box's first paragraph
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:] + [""]
-            message = " ".join(lines[: lines.index("")]) or "invalid command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise
-
-
-def load_checkpoint(args: "Args", fields: tuple[str, ...]) -> tuple["Args", dict]:
-    """--eval-only: args with the checkpoint's `fields` and seed count, and the checkpoint; ValueError if unusable."""
-    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
-        raise ValueError("--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together")
-    if not args.checkpoint:
-        return args, {}
-    try:
-        with open(args.checkpoint, "rb") as f:
-            ckpt = flax.serialization.msgpack_restore(f.read())
-        config, num_seeds = json.loads(ckpt["config"]), len(jax.tree.leaves(ckpt["actor"])[0])
-        return replace(args, **{k: config[k] for k in fields}, num_seeds=num_seeds), ckpt
-    except Exception as e:
-        raise ValueError(f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax of this script ({e!r})") from e
-
-
-def save_checkpoint(path: str, actor, global_step: int, args: "Args"):
-    ckpt = {"actor": actor, "global_step": global_step, "config": json.dumps(asdict(args))}
-    with open(path, "wb") as f:
-        f.write(flax.serialization.to_bytes(ckpt))  # msgpack, no pickle
+    def finish(self, summary: dict | None, panels: dict, title: str) -> int:
+        """Draws the learning curve, writes summary.json (None: every seed diverged, so none). -> the exit code."""
+        self.file.close()
+        plot_curve(self.rows, os.path.join(self.dir, "learning_curve.png"), title, panels)
+        if summary is not None:
+            summary = {"script": os.path.basename(__file__), **summary, "diverged_seeds": list(self.diverged.values())}
+            with open(os.path.join(self.dir, "summary.json"), "w") as f:
+                json.dump(summary | {"wall_time_s": round(time.time() - self.start, 2)}, f, indent=2)
+            finals = {k.replace("_", " "): v for k, v in summary.items() if k.startswith("final_") and "mean" in v}
+            print(*(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in finals.items()), sep="\n")
+        if self.wandb:
+            self.wandb.finish()
+        print(f"wrote {self.dir}" + ("" if summary else ": every seed diverged, no summary.json"))
+        return 1 if self.diverged else 0
 
 
 def stats(values) -> dict:
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
-
-
-def divergence(metrics: dict, learner: dict) -> str | None:
-    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
-    A warm-up chunk logs NaN losses by design, so the parameters decide; infinite losses or Q count at once."""
-    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
-    finite = lambda tree: all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))  # noqa: E731
-    groups = [k for k, v in learner.items() if not finite(v)]
-    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
-    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
-
-
-class Stop(Exception):
-    """Ends a run without summary.json: diverged (exit 1)."""
-
-
-class RunFolder:
-    """runs/<run_name>/: config.json at once, metrics.csv and W&B row by row, summary.json last: its presence marks a
-    complete run. log()'s `labels` are extra columns (the ablation's policy class) that also name the W&B runs."""
-
-    def __init__(self, args: "Args", env_id: str, columns: tuple[str, ...]):
-        self.args, self.start, self.rows, self.wandb = args, time.time(), [], {}
-        self.name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(self.start)}"
-        self.dir = os.path.join(args.runs_dir, self.name)
-        os.makedirs(self.dir, exist_ok=True)
-        with open(self.path("config.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        self.file = open(self.path("metrics.csv"), "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=("global_step", "seed", *columns, "sps", "wall_time"))
-        self.writer.writeheader()
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def log(self, global_step: int, seeds: list[int], metrics: dict, sps: float, wall_time: float, **labels):
-        for i, seed in enumerate(seeds):
-            row = dict.fromkeys(self.writer.fieldnames, "") | {"global_step": global_step, "seed": seed, **labels}
-            row |= {k: float(v[i]) for k, v in metrics.items() if k in row} | {"sps": round(sps, 1)}
-            self.writer.writerow(row | {"wall_time": round(wall_time, 2)})
-            self.rows.append(row)
-            if self.args.track:
-                self.wandb_run(seed, labels).log(
-                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
-                )
-        self.file.flush()
-
-    def wandb_run(self, seed: int, labels: dict):
-        """One W&B run per seed (and label), grouped by run name: seeds are never averaged silently."""
-        if (key := (*labels.values(), seed)) not in self.wandb:
-            import wandb
-
-            name, config = "__".join(map(str, (self.name, *key))), asdict(self.args) | labels | {"lane_seed": seed}
-            self.wandb[key] = wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity,
-                                         name=name, group=self.name, config=config, reinit="create_new")  # fmt: skip
-        return self.wandb[key]
-
-    def stop(self, e: BaseException) -> int:
-        print(f"error: {e}" if isinstance(e, Stop) else "interrupted", end="", file=sys.stderr)
-        print(f"; {self.dir} is incomplete (no summary.json)", file=sys.stderr)
-        return 1 if isinstance(e, Stop) else 130
-
-    def finish(self, summary: dict, panels: dict, title: str) -> int:
-        """Draws the learning curve (plot_curve's panels), then writes summary.json and prints the final_* results."""
-        self.file.close()
-        plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
-        summary = {"script": os.path.basename(__file__), **summary, "wall_time_s": round(time.time() - self.start, 2)}
-        with open(self.path("summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        for run in self.wandb.values():
-            run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-            run.finish()
-        for name, value in summary.items():  # final eval return, and final win rate where there is one
-            if name.startswith("final_") and "mean" in value:
-                print(f"{name.replace('_', ' ')} {value['mean']:.3f} +- {value['std']:.3f}")
-        print(f"wrote {self.dir}")
-        return 0
-
-
-def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_fn, probe_fn=None, **labels) -> dict:
-    """chunk_fn(chunk, bar) -> (metrics of per-seed arrays, learner) trains `steps` env steps per seed, then evaluates.
-    Logs every chunk, stops on divergence, takes probe_fn() (--probe-every) at step 0 and every --probe-every steps.
-    Returns the last and the best metrics (highest mean eval return: Table 1's statistic), sps, step and probes."""
-    from tqdm import tqdm
-
-    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {}
-    if probe_fn is not None:
-        probes[0] = np.asarray(probe_fn())
-    tag = ", ".join(f"{k} {v}" for k, v in labels.items())  # the ablation's policy class (and N on the toy)
-    desc = ", ".join([*([tag] if tag else []), f"{len(seeds)} seed(s)"])
-    with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
-        for chunk in range(chunks):
-            metrics, learner = chunk_fn(chunk, bar)
-            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-            global_step, elapsed = (chunk + 1) * steps, time.time() - start
-            run.log(global_step, seeds, metrics, global_step / elapsed, elapsed, **labels)
-            if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
-                raise Stop(f"{tag + ': ' if tag else ''}diverged at env step {global_step}: {reason}")
-            best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
-            if probe_fn is not None and global_step % run.args.probe_every == 0:
-                probes[global_step] = np.asarray(probe_fn())
-            bar.update(global_step - bar.n)
-            shown = {"eval": "episodic_return", "win": "win_rate"}
-            bar.set_postfix({name: f"{metrics[k].mean():.2f}" for name, k in shown.items() if k in metrics})
-    result = {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step}
-    return result | {"probes": {"steps": list(probes), "actions": np.stack(list(probes.values()))} if probes else None}
 
 
 def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
@@ -762,11 +575,9 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
         for (label, (column, where)), color in zip(lines.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
             rows_in = [r for r in rows if all(r[k] == v for k, v in where.items())]
             steps = sorted({r["global_step"] for r in rows_in})
-            values = [
-                [np.nan if r[column] == "" else r[column] for r in rows_in if r["global_step"] == s] for s in steps
-            ]
+            values = np.array([[r.get(column, np.nan) for r in rows_in if r["global_step"] == s] for s in steps])
             if steps and not np.all(np.isnan(values)):  # NaN (nothing logged) leaves a gap
-                mean, std = np.mean(values, axis=1), np.std(values, axis=1)
+                mean, std = np.nanmean(values, axis=1), np.nanstd(values, axis=1)
                 ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
         ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
@@ -775,37 +586,18 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
     fig.savefig(path, dpi=100)
 
 
-def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
-    """Fig. 4 right analogue: per entry of `probes` and probe step, agents 0 and 1's actions (dims `dims`), seed 0."""
-    from matplotlib.figure import Figure
-
-    steps = next(iter(probes.values()))["steps"]
-    fig = Figure(figsize=(2.6 * len(steps), 2.6 * len(probes)), layout="tight")
-    axes = fig.subplots(len(probes), len(steps), squeeze=False)
-    for row, (label, probe) in enumerate(probes.items()):
-        for col, step in enumerate(steps):
-            for agent, color in ((0, "tab:blue"), (1, "tab:red")):
-                a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)][:, list(dims)]
-                axes[row][col].scatter(*a.T, s=2, alpha=0.3, color=color, label=f"agent {agent}")
-            axes[row][col].set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
-            axes[row][col].set_title(f"{label}, {step:,} steps", fontsize=8)
-    axes[0][0].legend(fontsize=7, markerscale=4)
-    fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
-    fig.savefig(path, dpi=100)
-
-
-# --- plumbing: end ---
+# --- harness: end ---
 
 
 def validate(args: Args) -> str | None:
-    """The first invalid flag that tyro cannot check, as one line, or None. Runs before anything is written."""
+    """The first invalid flag that tyro cannot check, as a one-line message (None: all valid)."""
     if MAMUJOCO_IMPORT_ERROR:
         return f"MaMuJoCo unavailable (pip install gymnasium-robotics==1.4.2 mujoco==4.0.0): {MAMUJOCO_IMPORT_ERROR}"
     if not known_partition(args.task):
         return f"--task: unknown {args.task!r}; valid tasks: {', '.join(valid_tasks())}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
     minimum |= {"num_eval_episodes": 1, "max_episode_steps": 1, "updates_per_iteration": 0, "learning_starts": 0}
-    for name, low in (minimum | {"buffer_size": args.num_envs}).items():
+    for name, low in (minimum | {"buffer_size": args.num_envs, "num_action_samples": 2}).items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
     try:  # the library builds the env, and with --local-obs the index gather must equal its observations
@@ -816,71 +608,91 @@ def validate(args: Args) -> str | None:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if not 0 <= args.target_ess < 1:
         return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
-    if args.num_action_samples < 2:
-        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
     if not args.num_envs <= args.eval_every <= args.total_timesteps:
         got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
         return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
-    chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
-    if args.probe_every < 0 or args.probe_every % chunk:
-        return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
-    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
-        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
-    if args.learning_rate_end <= 0 or (args.reward_scale is not None and args.reward_scale <= 0):
-        return "--learning-rate-end and --reward-scale must be > 0"
+    positive = (args.tau, args.learning_rate, args.learning_rate_end, args.reward_scale or 1.0)  # None: the default
+    if not (0 <= args.gamma <= 1 and args.tau <= 1 and min(positive) > 0 and args.eta >= 0 and args.reward_scale != 0):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0; --learning-rate(-end), --reward-scale > 0"
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track needs the wandb package (pip install wandb), which is not installed"
     return None
 
 
 def main(args: Args) -> int:
-    try:
-        args, ckpt = load_checkpoint(args, POLICY_FIELDS)  # --eval-only: task, observations, architecture from it
-        if error := validate(args):
-            raise ValueError(error)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if error := validate(args):  # nothing is written before the flags are known to be valid
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.reward_scale is None:  # the task's default, resolved before config.json records it
         args = replace(args, reward_scale=DEFAULT_REWARD_SCALE.get(args.task.split("-")[0], 1.0))
-    env_id, seeds = f"MaMuJoCo_{args.task}", list(range(args.seed, args.seed + args.num_seeds))
-    n = args.num_eval_episodes  # eval envs per seed: one episode each
-    run = RunFolder(args, env_id, METRICS)
-    eval_envs = [MaMuJoCo(args.task, n, args.local_obs, max_episode_steps=args.max_episode_steps) for _ in seeds]
-    train = make_train(args, eval_envs[0])
-    # compiled ahead of time, the same program for training and --eval-only: their numbers agree bit for bit on CPU
-    actor = jax.eval_shape(jax.vmap(train.init), jnp.asarray(seeds, jnp.int32))["learner"]["actor"]
-    state = jax.ShapeDtypeStruct((args.num_seeds, n, eval_envs[0].state_dim), jnp.float32)
-    eval_act = jax.jit(jax.vmap(lambda p, s, key, t: train.policy(p, s, jax.random.fold_in(key, t)), (0, 0, 0, None)))
-    keys = jax.ShapeDtypeStruct((args.num_seeds, 2), jnp.uint32)
-    eval_act = eval_act.lower(actor, state, keys, np.int32(0)).compile()
-    if args.eval_only:
-        step = int(ckpt["global_step"])
-        returns, lengths, disc, *_ = evaluate(eval_envs, eval_act, ckpt["actor"], seeds, step, args)
-        metrics = {"episodic_return": returns, "episode_length": lengths, "disc_return": disc}
-        run.log(step, seeds, metrics, 0.0, time.time() - run.start)
-        result, timing = {"last": metrics, "best": metrics, "sps": 0.0, "global_step": step, "probes": None}, {}
-        print(f"eval-only {args.checkpoint} at global_step {step}: episodic_return per seed {returns.tolist()}")
-    else:
-        loop = EnvLoop(args, train, seeds, eval_envs, eval_act)
-        try:
-            probe_fn = loop.probe if args.probe_every else None
-            result = train_loop(run, seeds, train.num_chunks, train.steps_per_chunk, loop.chunk, probe_fn)
-        except (Stop, KeyboardInterrupt) as e:
-            return run.stop(e)
-        if result["probes"]:  # (probe, seed, agent, sample, action dim); one-joint agents: dim 0 against itself
-            np.savez(run.path("probes.npz"), **result["probes"])
-            dims = (0, min(1, eval_envs[0].act_dim - 1))
-            plot_probes({"diffusion": result["probes"]}, dims, run.path("probe.png"), env_id)
-        if args.save_model:
-            save_checkpoint(run.path("model.flax"), loop.rs["learner"]["actor"], result["global_step"], args)
-        timing = loop.timing(result["global_step"])
-    summary = {"env_id": env_id, "total_timesteps": result["global_step"], "num_seeds": args.num_seeds}
-    summary |= {"final_eval_return": stats(result["last"]["episodic_return"]), "sps": result["sps"]}
-    summary |= {"best_eval_return": stats(result["best"]["episodic_return"]), "eval_only": args.eval_only}
+    # TRY NOT TO MODIFY: build and compile; each chunk: the env loop, evaluate, log, progress; then save and summarise
+    env_id, seeds, E = f"MaMuJoCo_{args.task}", list(range(args.seed, args.seed + args.num_seeds)), args.num_envs
+    run, start = RunFolder(args, env_id.replace("|", "_"), METRICS), time.time()  # Humanoid-9|8: no | in the folder
+    env = MaMuJoCo(args.task, len(seeds) * E, args.local_obs, max_episode_steps=args.max_episode_steps)  # all seeds'
+    train = make_train(args, env)
+    evaluate = make_evaluate(args, train, seeds)  # benchmarks/evaluate.py replays it from model.flax
+    rs = jax.jit(jax.vmap(train.init))(jnp.asarray(seeds, jnp.int32))
+    gb = sum(x.nbytes for x in jax.tree.leaves(rs["buffer"])) / 1e9  # the replay buffers, on the device
+    print(f"{env_id}: {env.num_agents} agents, obs {env.obs_dim}, state {env.state_dim}; buffer {gb:.2f} GB; compiling")
+    state = env.reset([env_seed(s, 0, i) for s in seeds for i in range(E)]).reshape(len(seeds), E, -1)
+    state = state.astype(np.float32)  # (seed, env, S): what the policies see
+    act, critic_value = jax.jit(jax.vmap(train.act, in_axes=(0, 0, 0, None))), jax.jit(jax.vmap(train.critic_value))
+    act = act.lower(rs["learner"]["actor"], rs["key"], state, np.int32(0)).compile()
+    example = {"state": state, "next_state": state, "reward": state[..., 0], "terminal": state[..., 0]}
+    example["action"] = np.zeros((len(seeds), E, env.num_agents, env.act_dim), np.float32)
+    learn = jax.jit(jax.vmap(train.learn, in_axes=(0, 0, None)), donate_argnums=0)  # the buffer is updated in place
+    learn = learn.lower(rs, example, np.int32(0)).compile()
+    print(f"compiled in {time.time() - start:.0f} s; {train.num_chunks} chunks x {train.steps_per_chunk} steps")
+    start, returns, times = time.time(), [], np.zeros(3)  # seconds: training (MuJoCo included), MuJoCo, evaluation
+    ep_return, n = np.zeros((len(seeds), E)), train.iters_per_chunk
+    bar = tqdm(total=train.num_chunks * train.steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
+    for chunk in range(train.num_chunks):
+        chunk_start, env_time, updates, ep_stats = time.time(), 0.0, [], np.zeros((2, len(seeds)))
+        for iteration in range(chunk * n, (chunk + 1) * n):  # --eval-every env steps per seed
+            key, action = act(rs["learner"]["actor"], rs["key"], state, np.int32(iteration))
+            action, env_start = np.asarray(action), time.time()  # (seed, env, N, A), in [-1, 1]
+            out = env.step(action.reshape(len(seeds) * E, *action.shape[2:]))  # MuJoCo: every env in turn
+            out = {k: v.reshape(len(seeds), E, *v.shape[1:]) for k, v in out.items()}
+            env_time += time.time() - env_start
+            transitions = {k: out[k] for k in ("next_state", "reward", "terminal")} | {"state": state, "action": action}
+            ep_return += out["reward"]
+            ep_stats += [(ep_return * out["done"]).sum(axis=1), out["done"].sum(axis=1)]
+            ep_return, state = ep_return * (1.0 - out["done"]), out["state"]
+            rs, metrics, updated = learn(rs | {"key": key}, transitions, np.int32(iteration))
+            updates.append((metrics, updated))
+            bar.update(E)
+        jax.block_until_ready(rs["learner"])  # the last update, dispatched asynchronously, counts as training
+        train_time, global_step = time.time() - chunk_start, (chunk + 1) * train.steps_per_chunk
+        ret, length, disc, first_state, first_action = evaluate(rs["learner"]["actor"], global_step)
+        q_first = critic_value(rs["learner"]["critic"], first_state, first_action)  # the critic check against disc
+        times += (train_time, env_time, time.time() - chunk_start - train_time)
+        metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
+        count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
+        mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
+        metrics = dict(zip(UPDATE_METRICS, mean.T, strict=True)) | {"q_first": q_first, "disc_return": disc}
+        metrics |= {"train_return": np.where(ep_stats[1] > 0, ep_stats[0] / np.maximum(ep_stats[1], 1), np.nan)}
+        env_share = np.full_like(ret, env_time / train_time)  # MuJoCo's share of this chunk's training time
+        metrics |= {"episodic_return": ret, "episode_length": length, "env_share": env_share}
+        ok = run.log(global_step, seeds, metrics, rs["learner"], global_step / (time.time() - start))
+        returns.append(ret)
+        bar.set_postfix(eval=f"{ret[ok].mean():.2f}")
+        if not ok.any():
+            break  # every seed diverged
+    bar.close()
+    if args.save_model:  # every seed's actor and the flags that rebuild it (benchmarks/evaluate.py)
+        model = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
+        with open(os.path.join(run.dir, "model.flax"), "wb") as f:
+            f.write(flax.serialization.to_bytes(model | {"script": os.path.basename(__file__)}))
+    (train_s, env_s, eval_s), train_sps = times, round(global_step / times[0], 1)
+    print(f"training {train_s:.0f} s ({train_sps} steps/s per seed, MuJoCo {env_s / train_s:.1%}), eval {eval_s:.0f} s")
+    best = max(returns, key=lambda r: r[ok].mean())  # Table 1: the best mean eval return during training
+    summary = {"env_id": env_id, "total_timesteps": global_step, "num_seeds": args.num_seeds}
+    summary |= {"final_eval_return": stats(returns[-1][ok]), "best_eval_return": stats(best[ok])}
+    summary |= {"sps": round(global_step / (time.time() - start), 1), "train_sps": train_sps}
+    summary |= dict(zip(("train_time_s", "env_time_s", "eval_time_s"), times.round(2).tolist(), strict=True))
     lines = {"eval (stochastic policy)": ("episodic_return", {}), "training episodes": ("train_return", {})}
-    return run.finish(summary | timing, {"episode return": lines}, f"DDPL on {env_id}")
+    return run.finish(summary if ok.any() else None, {"episode return": lines}, f"DDPL on {env_id}")
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(main(tyro.cli(Args)))

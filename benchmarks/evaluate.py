@@ -53,8 +53,16 @@ def jax_native(env_fn, names=("episodic_return", "disc_return")):
     return evaluate
 
 
+def mamujoco(mod, args, actor, global_step: int) -> dict:
+    """ddpl_mamujoco.py: main's evaluation, make_evaluate (MuJoCo envs in Python, the policy compiled ahead of time)."""
+    env = mod.MaMuJoCo(args.task, 1, args.local_obs, max_episode_steps=args.max_episode_steps)
+    evaluate = mod.make_evaluate(args, mod.make_train(args, env), list(range(args.seed, args.seed + args.num_seeds)))
+    return dict(zip(("episodic_return", "episode_length", "disc_return"), evaluate(actor, global_step), strict=False))
+
+
 EVALUATORS = {
     "ddpl_mpe.py": jax_native(lambda mod, args: mod.MPEArrays(args.env_id)),
+    "ddpl_mamujoco.py": mamujoco,
     "ddpl_smax.py": jax_native(
         lambda mod, args: mod.SMAXArrays(args.map), ("episodic_return", "win_rate", "disc_return")
     ),

@@ -1,15 +1,19 @@
-"""ddpl_mamujoco.py: the CLI contract on the paper's four tasks, bad input, and the env glue (fast step and index
-gather against the library's own step and observations, termination vs truncation, HARL's one-joint partitions)."""
+"""ddpl_mamujoco.py: the CLI contract on the paper's four tasks (run folder, evaluation of a saved model, divergence
+of one seed, bad input) and the env glue (fast step and index gather against the library's own step and observations,
+termination vs truncation, HARL's one-joint partitions)."""
 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tyro
 
 import ddpl_mamujoco
 
@@ -24,11 +28,11 @@ TINY = [
 ]  # fmt: skip
 # two processes side by side (one core each), each running main() on two paper tasks in turn: (task, extra flags)
 GROUPS = [
-    [("Ant-2x4", ["--num-seeds", "2", "--seed", "3", "--save-model", "--probe-every", "40"]), ("Ant-4x2", [])],
+    [("Ant-2x4", ["--num-seeds", "2", "--seed", "3", "--save-model"]), ("Ant-4x2", [])],
     [("Ant-8x1", ["--local-obs"]), ("HumanoidStandup-17x1", [])],
 ]
 SUMMARY_KEYS = {"script", "env_id", "total_timesteps", "num_seeds", "final_eval_return", "best_eval_return"}
-SUMMARY_KEYS |= {"wall_time_s", "sps"}
+SUMMARY_KEYS |= {"wall_time_s", "sps", "diverged_seeds", "train_time_s", "env_time_s", "eval_time_s", "train_sps"}
 COLUMNS = ["global_step", "seed", "episodic_return", "episode_length", "train_return", "q_first", "disc_return"]
 COLUMNS += ["critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta", "env_share", "sps", "wall_time"]
 
@@ -39,8 +43,9 @@ def in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def run_cli(*flags, cwd):
-    return subprocess.run([sys.executable, SCRIPT, *flags], cwd=cwd, capture_output=True, text=True, timeout=600)
+def start_cli(*flags, cwd):
+    cmd = [sys.executable, SCRIPT, *flags]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def read_rows(run_dir):
@@ -72,16 +77,19 @@ def runs(tmp_path_factory):
     return {json.loads((d / "config.json").read_text())["task"]: d for d in (tmp / "runs").iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ddpl_mamujoco.PAPER_TASKS)
 def test_run_folder_is_complete(runs, task):
     run_dir = runs[task]
     num_seeds = 2 if task == "Ant-2x4" else 1
     for name in ("config.json", "metrics.csv", "summary.json", "learning_curve.png"):
         assert (run_dir / name).is_file(), name
+    assert (run_dir / "model.flax").is_file() == (task == "Ant-2x4")  # --save-model
     summary = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["script"] == "ddpl_mamujoco.py" and summary["env_id"] == f"MaMuJoCo_{task}"
-    assert summary["num_seeds"] == num_seeds and summary["total_timesteps"] == 80
+    assert summary["num_seeds"] == num_seeds and summary["total_timesteps"] == 80 and summary["diverged_seeds"] == []
+    assert summary["env_time_s"] < summary["train_time_s"]  # MuJoCo's stepping is part of training
     for key in ("final_eval_return", "best_eval_return"):
         assert set(summary[key]) == {"mean", "std", "per_seed"} and len(summary[key]["per_seed"]) == num_seeds
     config = json.loads((run_dir / "config.json").read_text())
@@ -104,47 +112,92 @@ def test_run_folder_is_complete(runs, task):
     assert all(np.isfinite(float(r["train_return"])) for r in rows if r["global_step"] == "80")
 
 
-def test_probe_records_the_action_distribution(runs):
-    probes = np.load(runs["Ant-2x4"] / "probes.npz")
-    assert list(probes["steps"]) == [0, 40, 80]
-    actions = probes["actions"]  # (probe, seed, agent, sample, action dim)
-    assert actions.shape == (3, 2, 2, ddpl_mamujoco.PROBE_SAMPLES, 4) and np.abs(actions).max() <= 1.0
-    assert not np.array_equal(actions[0], actions[-1])  # the policies learned in between
-    assert (runs["Ant-2x4"] / "probe.png").is_file() and not (runs["Ant-4x2"] / "probes.npz").exists()
-
-
-def test_eval_only_reproduces_final_eval(runs, tmp_path):
+@pytest.mark.slow
+def test_evaluate_tool_reproduces_the_final_evaluation(runs, tmp_path):
+    """benchmarks/evaluate.py on the saved model: the training run's last evaluation, bit for bit (compared as text)."""
     trained = runs["Ant-2x4"]
-    flags = ["--checkpoint", str(trained / "model.flax"), "--eval-only", "--seed", "3", "--num-eval-episodes", "2"]
-    res = run_cli(*flags, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)  # time limit: from the checkpoint
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "evaluate.py"), str(trained), "--json"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["script"] == "ddpl_mamujoco.py" and out["global_step"] == 80 and out["seeds"] == [3, 4]
+    last = [r for r in read_rows(trained) if r["global_step"] == "80"]
+    for name in ("episodic_return", "episode_length", "disc_return"):
+        assert [repr(v) for v in out[name]] == [r[name] for r in last], name
+
+
+@pytest.mark.slow
+def test_one_seed_of_four_diverges_and_three_finish(tmp_path, monkeypatch, capsys):
+    """Seed 5's critic is poisoned at the last iteration of the first chunk (an injected fault): its NaN actions then
+    reach MuJoCo, which warns and steps on; seeds 3, 4 and 6 train on, the summary holds their statistics,
+    diverged_seeds names seed 5, and main returns 1."""
+    make_train = ddpl_mamujoco.make_train
+
+    def poisoned(args, env):
+        train = make_train(args, env)
+        init, learn = train.init, train.learn
+
+        def learn_with_fault(rs, transitions, iteration):
+            rs, metrics, updated = learn(rs, transitions, iteration)
+            bad = (rs["lane_seed"] == 5) & (iteration == train.iters_per_chunk - 1)
+            critic = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), rs["learner"]["critic"])
+            return rs | {"learner": rs["learner"] | {"critic": critic}}, metrics, updated
+
+        train.init, train.learn = lambda seed: init(seed) | {"lane_seed": seed}, learn_with_fault
+        return train
+
+    monkeypatch.setattr(ddpl_mamujoco, "make_train", poisoned)
+    flags = [*TINY, "--seed", "3", "--num-seeds", "4", "--runs-dir", str(tmp_path / "runs")]
+    assert ddpl_mamujoco.main(tyro.cli(ddpl_mamujoco.Args, args=flags)) == 1
+    err = capsys.readouterr().err
+    diverged = re.findall(r"seed \d+ diverged at env step \d+: [a-z_, ]+ non-finite", err)  # the message alone
+    assert diverged == ["seed 5 diverged at env step 40: parameters non-finite"], err[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
-    keys = ("seed", "episodic_return", "episode_length", "disc_return")
-    want = {tuple(r[k] for k in keys) for r in read_rows(trained) if r["global_step"] == "80"}
-    assert {tuple(r[k] for k in keys) for r in read_rows(run_dir)} == want  # as text
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["eval_only"] is True and summary["env_id"] == "MaMuJoCo_Ant-2x4" and SUMMARY_KEYS <= set(summary)
+    assert [d["seed"] for d in summary["diverged_seeds"]] == [5]
+    final = {int(r["seed"]): float(r["episodic_return"]) for r in read_rows(run_dir) if r["global_step"] == "80"}
+    assert summary["final_eval_return"]["per_seed"] == [final[3], final[4], final[6]]
+    assert all(np.isfinite([final[3], final[4], final[6]])) and np.isfinite(summary["best_eval_return"]["mean"])
+    assert np.isnan(final[5])  # its policy's NaN actions: NaN control costs in MuJoCo's reward
+
+
+TYRO_ERRORS = {  # what tyro checks itself: flags -> the text its error box must hold
+    ("--weight-rule", "max"): "Expected one of ('state', 'batch', 'raw')",
+    ("--num-seeds", "two"): "--num-seeds",
+    ("--eval-only",): "Unrecognized options: --eval-only",  # moved to benchmarks/evaluate.py
+}
+
+
+@pytest.mark.slow
+def test_tyro_rejects_bad_input_with_exit_code_2(tmp_path):
+    procs = {flags: start_cli(*flags, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path) for flags in TYRO_ERRORS}
+    for flags, proc in procs.items():  # side by side: each start imports JAX and gymnasium-robotics
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (flags, stderr)
+        assert TYRO_ERRORS[flags] in " ".join(ln.strip("│ ") for ln in stderr.splitlines()), stderr
+        assert "Traceback" not in stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
 
 
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--task", "Ant-3x3"], "--task: unknown 'Ant-3x3'; valid tasks: Ant-2x4, Ant-2x4d, Ant-4x2, Ant-8x1,"),
-        (["--task", "Ant-3x3"], "HumanoidStandup-17x1"),
-        (["--task", "Reacher-2x1", "--local-obs"], "drop --local-obs"),
-        (["--num-action-samples", "1"], "--num-action-samples must be >= 2"),
-        (["--weight-rule", "max"], "'state', 'batch', 'raw'"),  # tyro checks Literal choices and names them
-        (["--eval-only"], "--eval-only and --checkpoint"),
-        (["--num-seeds", "two"], "--num-seeds"),
+        ({"task": "Ant-3x3"}, "--task: unknown 'Ant-3x3'; valid tasks: Ant-2x4, Ant-2x4d, Ant-4x2, Ant-8x1,"),
+        ({"task": "Ant-3x3"}, "HumanoidStandup-17x1"),
+        ({"task": "Reacher-2x1", "local_obs": True}, "drop --local-obs"),
+        ({"num_action_samples": 1}, "--num-action-samples must be >= 2"),
+        ({"eval_every": 10, "num_envs": 20}, "need --num-envs <= --eval-every <= --total-timesteps"),
+        ({"reward_scale": 0.0}, "--reward-scale > 0"),
+        ({"reward_scale": -1.0}, "--reward-scale > 0"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(tmp_path, flags, expected):
-    res = run_cli(*flags, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and expected in lines[0], res.stderr
-    assert "Traceback" not in res.stderr
-    assert not (tmp_path / "runs").exists()  # nothing written
+def test_invalid_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, expected):
+    assert ddpl_mamujoco.main(ddpl_mamujoco.Args(runs_dir=str(tmp_path / "runs"), **flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_mujoco_names_the_pip_install_command(tmp_path):
@@ -254,6 +307,7 @@ def test_buffer_add_is_circular():
     np.testing.assert_array_equal(np.asarray(buffer["next_state"][:, 2]), [21.0, 1.0, 10.0, 11.0, 20.0])
 
 
+@pytest.mark.slow
 def test_critic_inputs_stay_bounded_over_random_episodes():
     """The critics see symlog(state) by default (--symlog-obs). Over 500 random steps in 4 envs (falls and resets
     included) the raw state reaches about 16 on Ant and 1,900 on HumanoidStandup (contact forces, inertias); after
