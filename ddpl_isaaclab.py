@@ -1,10 +1,7 @@
 """DDPL (Decentralized Diffusion Policy Learning, arXiv 2605.07101, Algorithm 2) on IsaacLab's bimanual Shadow Hand.
 
-The two hands of Isaac-Shadow-Hand-Over-Direct-v0 each have a DDPM policy and twin averaged-Q critics Qbar_i(s, a_i),
-and move toward pi^t exp(eta Qbar_i) by ISSM (eq. 2). Isaac Sim steps the envs on the GPU in torch; tensors cross to
-JAX by DLPack; acting, the replay buffer and the updates are jitted, seeds and agents vmapped. Without Isaac Sim (an
-RTX-class NVIDIA GPU) the script exits 2; `main(args, env)` takes any DirectMARLEnv-like env (tests: a torch
-stand-in). Install steps, metrics and what was verified: docs/ddpl_isaaclab.md.
+Each hand of Isaac-Shadow-Hand-Over-Direct-v0 moves its DDPM policy toward pi^t exp(eta Qbar_i) by ISSM (eq. 2); Isaac
+Sim (RTX GPU) steps the envs in torch, JAX acts and learns on tensors shared by DLPack. Details: docs/ddpl_isaaclab.md.
 """
 
 import os
@@ -14,11 +11,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax: I
 import contextlib
 import csv
 import importlib.util
-import io
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Literal
 
@@ -29,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
+from tqdm import tqdm
 
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta")
 METRICS = ("episodic_return", "episode_length", "train_return", *UPDATE_METRICS, "env_share")
-POLICY_FIELDS = ("task", "hidden_size", "num_diffusion_steps", "noise_schedule")  # what a checkpoint fixes
-INSTALL_HINT = "see docs/ddpl_isaaclab.md: pip install -r requirements-isaaclab.txt on an RTX-class NVIDIA GPU machine"
+INSTALL_HINT = "this needs Isaac Sim on an RTX-class NVIDIA GPU, installed as docs/ddpl_isaaclab.md says"
 
 
 @dataclass
@@ -41,12 +37,10 @@ class Args:
     exp_name: str = "ddpl_isaaclab"  # the name of this experiment (part of the run folder's name)
     seed: int = 0  # seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)
     num_seeds: int = 1  # independent runs in one process: vmapped parameters; Isaac Sim hosts num_seeds x num_envs envs
-    track: bool = False  # log to Weights & Biases as well (one W&B run per seed)
+    track: bool = False  # log to Weights & Biases as well (one run, every metric per seed)
     wandb_project_name: str = "ddpl"  # the W&B project
     wandb_entity: str | None = None  # the W&B entity (team); None: your default
-    save_model: bool = False  # write all seeds' actor parameters to runs/<run_name>/model.flax (flax.serialization)
-    checkpoint: str | None = None  # a model.flax from --save-model; with --eval-only, evaluate it without training
-    eval_only: bool = False  # evaluate --checkpoint: one episode in each of the --num-envs envs per seed
+    save_model: bool = False  # write every seed's actor to runs/<run_name>/model.flax (benchmarks/evaluate.py plays it)
     runs_dir: str = "runs"  # parent folder of the run folder
     device: str = "cuda:0"  # the GPU that Isaac Sim, torch and JAX share (AppLauncher's and the env config's device)
 
@@ -79,7 +73,7 @@ class Args:
 def isaac_sim(args: Args):
     """Isaac Sim headless, then --task with num_seeds x num_envs envs (gym.make); ValueError without IsaacLab."""
     if missing := [m for m in ("torch", "isaacsim", "isaaclab", "isaaclab_tasks") if not importlib.util.find_spec(m)]:
-        raise ValueError(f"IsaacLab is not installed here (missing: {', '.join(missing)}); {INSTALL_HINT}")
+        raise ValueError(f"IsaacLab is not installed here (missing: {', '.join(missing)}): {INSTALL_HINT}")
     from isaaclab.app import AppLauncher  # Isaac Sim must be running before any other isaaclab module is imported
 
     app = AppLauncher(headless=True, device=args.device).app
@@ -90,28 +84,15 @@ def isaac_sim(args: Args):
 
         cfg = parse_env_cfg(args.task, device=args.device, num_envs=args.num_seeds * args.num_envs)
         cfg.seed = args.seed
-        env = gym.make(args.task, cfg=cfg)
-        try:
+        with contextlib.closing(gym.make(args.task, cfg=cfg)) as env:  # env.close() on the way out
             yield env
-        finally:
-            env.close()
     finally:
         app.close()
 
 
-def check_devices(env) -> str | None:
-    """JAX must sit on the GPU that the env's tensors live on, else DLPack cannot share them: None when it does."""
-    device, backend = str(getattr(env, "unwrapped", env).device), jax.default_backend()
-    if device.startswith("cuda") and backend != "gpu":
-        hint = "install JAX's CUDA build (pip install 'jax[cuda12]==0.5.3', docs/ddpl_isaaclab.md)"
-        return f"the env's tensors are on {device} but JAX runs on {backend} (devices {jax.devices()}): {hint}"
-    return None
-
-
 def to_jax(tensor) -> jax.Array:
     """A torch tensor as a JAX array through DLPack, no copy on the same device (bools become float32 first)."""
-    if not tensor.dtype.is_floating_point:
-        tensor = tensor.float()
+    tensor = tensor if tensor.dtype.is_floating_point else tensor.float()
     return jax.dlpack.from_dlpack(tensor.contiguous())
 
 
@@ -120,22 +101,19 @@ class IsaacAdapter:
     state (seed, E, S), actions (seed, E, N, A) in [-1, 1]. IsaacLab resets finished envs inside step()."""
 
     def __init__(self, env, num_seeds: int, num_envs: int | None = None):
-        import torch
-
-        self.torch, self.env = torch, env
+        self.torch, self.env = importlib.import_module("torch"), env
         self.base = base = getattr(env, "unwrapped", env)  # gym.make wraps the DirectMARLEnv
-        if error := check_devices(env):
-            raise ValueError(error)
+        if str(base.device).startswith("cuda") and jax.default_backend() != "gpu":  # DLPack shares one device only
+            hint = "install JAX's CUDA build (pip install 'jax[cuda12]==0.5.3', docs/ddpl_isaaclab.md)"
+            raise ValueError(f"the env's tensors are on {base.device} but JAX runs on {jax.default_backend()}: {hint}")
         if base.num_envs % num_seeds or num_envs not in (None, base.num_envs // num_seeds):
             raise ValueError(f"the env holds {base.num_envs} envs, not {num_seeds} seed(s) x {num_envs or 'E'} envs")
         self.agents = list(getattr(base, "possible_agents", None) or base.observation_spaces)
-        self.num_agents = len(self.agents)
         self.obs_dims = [int(base.observation_spaces[a].shape[0]) for a in self.agents]
         self.act_dims = [int(base.action_spaces[a].shape[0]) for a in self.agents]
-        self.obs_dim, self.act_dim = max(self.obs_dims), max(self.act_dims)
+        self.num_agents, self.obs_dim, self.act_dim = len(self.agents), max(self.obs_dims), max(self.act_dims)
         self.num_seeds, self.num_envs = num_seeds, base.num_envs // num_seeds
-        self.max_episode_length = int(base.max_episode_length)
-        self.state_dim = None  # known after the first reset
+        self.max_episode_length, self.state_dim = int(base.max_episode_length), None  # state_dim: after a reset
 
     def _lanes(self, x: jax.Array) -> jax.Array:  # (num_seeds * E, ...) -> (num_seeds, E, ...)
         return x.reshape(self.num_seeds, self.num_envs, *x.shape[1:])
@@ -147,14 +125,14 @@ class IsaacAdapter:
     def _agents(self, x: dict) -> jax.Array:  # {agent: (seed * E,) tensor} -> (N, seed * E)
         return jnp.stack([to_jax(x[a]).reshape(-1) for a in self.agents])
 
-    def _state(self) -> jax.Array:
-        state = self._lanes(to_jax(self.base.state()))
-        self.state_dim = state.shape[-1]
-        return state
+    def _state(self) -> jax.Array:  # (seed, E, S)
+        return self._lanes(to_jax(self.base.state()))
 
     def reset(self) -> dict:
         obs, _ = self.env.reset()
-        return {"obs": self._obs(obs), "state": self._state()}
+        out = {"obs": self._obs(obs), "state": self._state()}
+        self.state_dim = out["state"].shape[-1]
+        return out
 
     def step(self, action: jax.Array) -> dict:
         """All envs one step: "obs"/"state" are what the policies see next (post-reset where an episode ended)."""
@@ -343,7 +321,7 @@ class TwinCritic(nn.Module):
 
 # ALGO LOGIC: Algorithm 2. One iteration: every env steps once (Isaac Sim), then U updates of every agent (jitted).
 def make_train(args: Args, env: IsaacAdapter):
-    """Per-seed init, act, learn and policy (main jits and vmaps them over seeds), and the chunking."""
+    """Per-seed init, act, learn and eval_policy (main jits and vmaps them over seeds), and the chunking."""
     N, S, D, A = env.num_agents, env.state_dim, env.obs_dim, env.act_dim  # agents, state, (padded) obs and actions
     E, B, M = env.num_envs, args.batch_size, args.num_action_samples
     Bp = args.issm_batch_size or max(1, B // M)  # ISSM states: sampler rows K (B + Bp M), not K B (1 + M)
@@ -377,12 +355,8 @@ def make_train(args: Args, env: IsaacAdapter):
     def act(actor, key, obs, iteration):
         """Actions of the E envs, (E, N, A); iteration is not vmapped over seeds, so the cond stays a real branch."""
         key, k_act = jax.random.split(key)
-        action = jax.lax.cond(
-            iteration * E < args.learning_starts,  # warm-up: uniform random actions
-            lambda: jax.random.uniform(k_act, (E, N, A), minval=-1.0, maxval=1.0),
-            lambda: policy(actor, obs, k_act),
-        )
-        return key, action
+        warm_up = lambda: jax.random.uniform(k_act, (E, N, A), minval=-1.0, maxval=1.0)  # noqa: E731
+        return key, jax.lax.cond(iteration * E < args.learning_starts, warm_up, lambda: policy(actor, obs, k_act))
 
     def update_agent(p, mine, shared, key):
         """Critic and ISSM step of one agent (vmapped); mine: o_i, a_i, o_i'; shared: s, s', r, terminal, truncated."""
@@ -444,8 +418,9 @@ def make_train(args: Args, env: IsaacAdapter):
         no_updates = lambda rs: (rs, jnp.zeros(len(UPDATE_METRICS)), jnp.float32(0.0))  # noqa: E731
         return jax.lax.cond(do_learn, updates, no_updates, rs)
 
+    eval_policy = lambda actor, obs, key, t: policy(actor, obs, jax.random.fold_in(key, t))  # noqa: E731
     chunking = {"iters_per_chunk": iters_per_chunk, "steps_per_chunk": iters_per_chunk * E, "num_chunks": num_chunks}
-    return SimpleNamespace(init=init, act=act, learn=learn, policy=policy, **chunking)
+    return SimpleNamespace(init=init, act=act, learn=learn, eval_policy=eval_policy, **chunking)
 
 
 @jax.jit
@@ -455,193 +430,99 @@ def track_episodes(ep, reward, done):
     return {"ret": ret * (1.0 - done), "sum": ep["sum"] + (ret * done).sum(-1), "count": ep["count"] + done.sum(-1)}
 
 
-def train_chunk(env: IsaacAdapter, act, learn, rs: dict, start: dict, iterations: range, bar):
-    """The Python env loop from start = {"obs", "state"} -> (rs, metrics per seed, seconds spent in env.step)."""
-    obs, state, env_time, updates = start["obs"], start["state"], 0.0, []
-    zeros = jnp.zeros((env.num_seeds, env.num_envs))
-    ep = {"ret": zeros, "sum": zeros[:, 0], "count": zeros[:, 0]}  # training episodes: running and finished returns
-    for iteration in iterations:
-        key, action = act(rs["learner"]["actor"], rs["key"], obs, np.int32(iteration))
-        env_start = time.time()
-        out = env.step(action)  # Isaac Sim runs asynchronously on the GPU: env_time is a lower bound
-        env_time += time.time() - env_start
-        transitions = {"obs": obs, "state": state, "action": action, "next_obs": out["obs"], "next_state": out["state"]}
-        transitions |= {k: out[k] for k in ("reward", "terminal", "truncated")}
-        ep = track_episodes(ep, out["reward"], out["done"])
-        obs, state = out["obs"], out["state"]
-        rs, metrics, updated = learn(rs | {"key": key}, transitions, np.int32(iteration))
-        updates.append((metrics, updated))
-        bar.update(env.num_envs)
-    jax.block_until_ready(rs["learner"])  # the last update, dispatched asynchronously, counts as training
+def chunk_metrics(updates: list, ep: dict) -> dict:
+    """Per seed: learn's metrics averaged over the chunk's iterations that updated, the training episodes' return."""
     metrics, updated = (np.stack(x, axis=1) for x in zip(*jax.device_get(updates), strict=True))
-    count = updated.sum(axis=1, keepdims=True)  # (seed, 1): iterations of this chunk with updates
+    count, ep = updated.sum(axis=1, keepdims=True), jax.device_get(ep)  # count (seed, 1): iterations with updates
     mean = np.where(count > 0, (metrics * updated[..., None]).sum(axis=1) / np.maximum(count, 1), np.nan)
-    ep = jax.device_get(ep)
     train_return = np.where(ep["count"] > 0, ep["sum"] / np.maximum(ep["count"], 1), np.nan)
-    return rs, dict(zip(UPDATE_METRICS, mean.T, strict=True)) | {"train_return": train_return}, env_time
+    return dict(zip(UPDATE_METRICS, mean.T, strict=True)) | {"train_return": train_return}
 
 
 def evaluate(env: IsaacAdapter, eval_act, actor, seeds: list[int], global_step: int):
     """Mean return and length of the first episode of every (training) env from a reset, stochastic policy (Sec. 5)."""
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), global_step) for s in seeds])
     obs = env.reset()["obs"]
-    shape = (len(seeds), env.num_envs)
-    running, ret, length = jnp.ones(shape), jnp.zeros(shape), jnp.zeros(shape)
+    running = jnp.ones((len(seeds), env.num_envs))
+    ret, length = jnp.zeros_like(running), jnp.zeros_like(running)
     for t in range(env.max_episode_length):
         out = env.step(eval_act(actor, obs, keys, np.int32(t)))
         ret, length = ret + running * out["reward"], length + running
         running, obs = running * (1.0 - out["done"]), out["obs"]
         if t % 32 == 31 and not bool(running.any()):  # an occasional sync only
             break
-    return np.asarray(ret.mean(axis=1)), np.asarray(length.mean(axis=1))
+    return {"episodic_return": np.asarray(ret.mean(axis=1)), "episode_length": np.asarray(length.mean(axis=1))}
 
 
-# TRY NOT TO MODIFY: command line, checkpoints, the run folder, the chunk loop with its divergence guard, figures
-# --- plumbing: begin ---
-# Identical text in every ddpl_*.py (tests/test_core_identity.py), but a script leaves out the parts it never calls.
-def parse_args(**kwargs) -> "Args":
-    """tyro.cli(Args), with tyro's boxed error condensed to one line on stderr (exit 2)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args, **kwargs)
-    except SystemExit as e:
-        if e.code:  # the box's first paragraph
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:] + [""]
-            message = " ".join(lines[: lines.index("")]) or "invalid command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise
+def play(args: Args, actor, global_step: int) -> dict:
+    """main's evaluation of a saved actor on --task in Isaac Sim (benchmarks/evaluate.py); ValueError without it."""
+    with isaac_sim(args) as isaac_env:
+        env = IsaacAdapter(isaac_env, args.num_seeds, args.num_envs)
+        env.reset()  # the state's size is known after the first reset
+        eval_act = jax.jit(jax.vmap(make_train(args, env).eval_policy, (0, 0, 0, None)))
+        seeds = list(range(args.seed, args.seed + args.num_seeds))
+        return evaluate(env, eval_act, actor, seeds, global_step)
 
 
-def load_checkpoint(args: "Args", fields: tuple[str, ...]) -> tuple["Args", dict]:
-    """--eval-only: args with the checkpoint's `fields` and seed count, and the checkpoint; ValueError if unusable."""
-    if args.eval_only != bool(args.checkpoint):  # resuming training from a checkpoint is not supported
-        raise ValueError("--eval-only and --checkpoint PATH (a model.flax written by --save-model) go together")
-    if not args.checkpoint:
-        return args, {}
-    try:
-        with open(args.checkpoint, "rb") as f:
-            ckpt = flax.serialization.msgpack_restore(f.read())
-        config, num_seeds = json.loads(ckpt["config"]), len(jax.tree.leaves(ckpt["actor"])[0])
-        return replace(args, **{k: config[k] for k in fields}, num_seeds=num_seeds), ckpt
-    except Exception as e:
-        raise ValueError(f"--checkpoint: cannot read {args.checkpoint!r} as a model.flax of this script ({e!r})") from e
+# TRY NOT TO MODIFY: the run folder (config.json, metrics.csv, W&B, summary.json last), statistics, the learning curve.
+# Identical text in every ddpl_*.py (tests/test_core_identity.py); a script leaves out the parts it never calls.
+# --- harness: begin ---
+class RunFolder:
+    """runs/<run_name>/: config.json at once, metrics.csv and W&B at every log, summary.json last (else: unfinished)."""
 
+    def __init__(self, args, env_id: str, columns: tuple[str, ...], labels: tuple[str, ...] = ()):
+        self.args, self.start, self.rows, self.diverged = args, time.time(), [], {}
+        self.dir = os.path.join(args.runs_dir, f"{env_id}__{args.exp_name}__{args.seed}__{int(self.start)}")
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.file = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
+        columns = ("global_step", "seed", *labels, *columns, "sps", "wall_time")
+        self.writer = csv.DictWriter(self.file, columns, extrasaction="ignore")
+        self.writer.writeheader()
+        wb = importlib.import_module("wandb") if args.track else None  # one W&B run for all seeds
+        self.wandb = wb and wb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args))
 
-def save_checkpoint(path: str, actor, global_step: int, args: "Args"):
-    ckpt = {"actor": actor, "global_step": global_step, "config": json.dumps(asdict(args))}
-    with open(path, "wb") as f:
-        f.write(flax.serialization.to_bytes(ckpt))  # msgpack, no pickle
+    def log(self, global_step: int, seeds: list[int], metrics: dict, learner, sps: float, **labels) -> np.ndarray:
+        """A row per seed (labels: the ablation's class, N); reports diverged seeds once. -> which never diverged"""
+        metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
+        finite = np.all([np.isfinite(x).reshape(len(seeds), -1).all(1) for x in jax.tree.leaves(learner)], axis=0)
+        tag = "".join(f"{v}/" for v in labels.values())
+        for i, seed in enumerate(seeds):
+            test = np.isinf if finite[i] else lambda x: ~np.isfinite(x)  # NaN losses alone: a chunk without updates
+            bad = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics and test(metrics[k][i])]
+            if (bad or not finite[i]) and (tag, seed) not in self.diverged:
+                self.diverged[tag, seed] = {"seed": seed, "labels": tag, "global_step": global_step}
+                bad = ", ".join(bad + ([] if finite[i] else ["parameters"]))
+                tqdm.write(f"{tag}seed {seed} diverged at env step {global_step}: {bad} non-finite", sys.stderr)
+            row = {"global_step": global_step, "seed": seed, **labels} | {k: float(v[i]) for k, v in metrics.items()}
+            self.rows.append(row | {"sps": round(sps, 1), "wall_time": round(time.time() - self.start, 2)})
+            self.writer.writerow(self.rows[-1])
+        if self.wandb:  # every metric per seed ("seed3/episodic_return"), never averaged over seeds
+            data = {f"{tag}seed{s}/{k}": v[i] for k, v in metrics.items() for i, s in enumerate(seeds)}
+            self.wandb.log(data | {"global_step": global_step})
+        self.file.flush()
+        return np.array([(tag, seed) not in self.diverged for seed in seeds])
+
+    def finish(self, summary: dict | None, panels: dict, title: str) -> int:
+        """Draws the learning curve, writes summary.json (None: every seed diverged, so none). -> the exit code."""
+        self.file.close()
+        plot_curve(self.rows, os.path.join(self.dir, "learning_curve.png"), title, panels)
+        if summary is not None:
+            summary = {"script": os.path.basename(__file__), **summary, "diverged_seeds": list(self.diverged.values())}
+            with open(os.path.join(self.dir, "summary.json"), "w") as f:
+                json.dump(summary | {"wall_time_s": round(time.time() - self.start, 2)}, f, indent=2)
+            finals = {k.replace("_", " "): v for k, v in summary.items() if k.startswith("final_") and "mean" in v}
+            print(*(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in finals.items()), sep="\n")
+        if self.wandb:
+            self.wandb.finish()
+        print(f"wrote {self.dir}" + ("" if summary else ": every seed diverged, no summary.json"))
+        return 1 if self.diverged else 0
 
 
 def stats(values) -> dict:
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
-
-
-def divergence(metrics: dict, learner: dict) -> str | None:
-    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
-    A warm-up chunk logs NaN losses by design, so the parameters decide; infinite losses or Q count at once."""
-    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
-    finite = lambda tree: all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))  # noqa: E731
-    groups = [k for k, v in learner.items() if not finite(v)]
-    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
-    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
-
-
-class Stop(Exception):
-    """Ends a run without summary.json: diverged (exit 1)."""
-
-
-class RunFolder:
-    """runs/<run_name>/: config.json at once, metrics.csv and W&B row by row, summary.json last: its presence marks a
-    complete run. log()'s `labels` are extra columns (the ablation's policy class) that also name the W&B runs."""
-
-    def __init__(self, args: "Args", env_id: str, columns: tuple[str, ...]):
-        self.args, self.start, self.rows, self.wandb = args, time.time(), [], {}
-        self.name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(self.start)}"
-        self.dir = os.path.join(args.runs_dir, self.name)
-        os.makedirs(self.dir, exist_ok=True)
-        with open(self.path("config.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        self.file = open(self.path("metrics.csv"), "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=("global_step", "seed", *columns, "sps", "wall_time"))
-        self.writer.writeheader()
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def log(self, global_step: int, seeds: list[int], metrics: dict, sps: float, wall_time: float, **labels):
-        for i, seed in enumerate(seeds):
-            row = dict.fromkeys(self.writer.fieldnames, "") | {"global_step": global_step, "seed": seed, **labels}
-            row |= {k: float(v[i]) for k, v in metrics.items() if k in row} | {"sps": round(sps, 1)}
-            self.writer.writerow(row | {"wall_time": round(wall_time, 2)})
-            self.rows.append(row)
-            if self.args.track:
-                self.wandb_run(seed, labels).log(
-                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
-                )
-        self.file.flush()
-
-    def wandb_run(self, seed: int, labels: dict):
-        """One W&B run per seed (and label), grouped by run name: seeds are never averaged silently."""
-        if (key := (*labels.values(), seed)) not in self.wandb:
-            import wandb
-
-            name, config = "__".join(map(str, (self.name, *key))), asdict(self.args) | labels | {"lane_seed": seed}
-            self.wandb[key] = wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity,
-                                         name=name, group=self.name, config=config, reinit="create_new")  # fmt: skip
-        return self.wandb[key]
-
-    def stop(self, e: BaseException) -> int:
-        print(f"error: {e}" if isinstance(e, Stop) else "interrupted", end="", file=sys.stderr)
-        print(f"; {self.dir} is incomplete (no summary.json)", file=sys.stderr)
-        return 1 if isinstance(e, Stop) else 130
-
-    def finish(self, summary: dict, panels: dict, title: str) -> int:
-        """Draws the learning curve (plot_curve's panels), then writes summary.json and prints the final_* results."""
-        self.file.close()
-        plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
-        summary = {"script": os.path.basename(__file__), **summary, "wall_time_s": round(time.time() - self.start, 2)}
-        with open(self.path("summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        for run in self.wandb.values():
-            run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-            run.finish()
-        for name, value in summary.items():  # final eval return, and final win rate where there is one
-            if name.startswith("final_") and "mean" in value:
-                print(f"{name.replace('_', ' ')} {value['mean']:.3f} +- {value['std']:.3f}")
-        print(f"wrote {self.dir}")
-        return 0
-
-
-def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_fn, probe_fn=None, **labels) -> dict:
-    """chunk_fn(chunk, bar) -> (metrics of per-seed arrays, learner) trains `steps` env steps per seed, then evaluates.
-    Logs every chunk, stops on divergence, takes probe_fn() (--probe-every) at step 0 and every --probe-every steps.
-    Returns the last and the best metrics (highest mean eval return: Table 1's statistic), sps, step and probes."""
-    from tqdm import tqdm
-
-    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {}
-    if probe_fn is not None:
-        probes[0] = np.asarray(probe_fn())
-    tag = ", ".join(f"{k} {v}" for k, v in labels.items())  # the ablation's policy class (and N on the toy)
-    desc = ", ".join([*([tag] if tag else []), f"{len(seeds)} seed(s)"])
-    with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
-        for chunk in range(chunks):
-            metrics, learner = chunk_fn(chunk, bar)
-            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-            global_step, elapsed = (chunk + 1) * steps, time.time() - start
-            run.log(global_step, seeds, metrics, global_step / elapsed, elapsed, **labels)
-            if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
-                raise Stop(f"{tag + ': ' if tag else ''}diverged at env step {global_step}: {reason}")
-            best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
-            if probe_fn is not None and global_step % run.args.probe_every == 0:
-                probes[global_step] = np.asarray(probe_fn())
-            bar.update(global_step - bar.n)
-            shown = {"eval": "episodic_return", "win": "win_rate"}
-            bar.set_postfix({name: f"{metrics[k].mean():.2f}" for name, k in shown.items() if k in metrics})
-    result = {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step}
-    return result | {"probes": {"steps": list(probes), "actions": np.stack(list(probes.values()))} if probes else None}
 
 
 def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
@@ -653,11 +534,9 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
         for (label, (column, where)), color in zip(lines.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
             rows_in = [r for r in rows if all(r[k] == v for k, v in where.items())]
             steps = sorted({r["global_step"] for r in rows_in})
-            values = [
-                [np.nan if r[column] == "" else r[column] for r in rows_in if r["global_step"] == s] for s in steps
-            ]
+            values = np.array([[r.get(column, np.nan) for r in rows_in if r["global_step"] == s] for s in steps])
             if steps and not np.all(np.isnan(values)):  # NaN (nothing logged) leaves a gap
-                mean, std = np.mean(values, axis=1), np.std(values, axis=1)
+                mean, std = np.nanmean(values, axis=1), np.nanstd(values, axis=1)
                 ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
         ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
@@ -666,7 +545,7 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
     fig.savefig(path, dpi=100)
 
 
-# --- plumbing: end ---
+# --- harness: end ---
 
 
 def validate(args: Args) -> str | None:
@@ -695,11 +574,9 @@ def validate(args: Args) -> str | None:
 
 
 def main(args: Args, env=None) -> int:
-    """Trains (or evaluates --checkpoint) on `env`, DirectMARLEnv-like with --num-seeds x --num-envs envs (the tests'
-    torch stand-in); None launches Isaac Sim and builds --task (exit 2 without it)."""
+    """Trains on `env`, DirectMARLEnv-like with --num-seeds x --num-envs envs; None: Isaac Sim builds --task."""
     with contextlib.ExitStack() as isaac:  # closes the env and Isaac Sim on the way out
-        try:
-            args, ckpt = load_checkpoint(args, POLICY_FIELDS)  # --eval-only: task and architecture from the checkpoint
+        try:  # nothing is written before the flags and the env are known to be usable
             if error := validate(args):
                 raise ValueError(error)
             env = isaac.enter_context(isaac_sim(args)) if env is None else env
@@ -707,59 +584,60 @@ def main(args: Args, env=None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        env_id = f"IsaacLab_{args.task}"
-        run = RunFolder(args, env_id, METRICS)
-        start = env.reset()  # the state's size is known after the first reset
-        train, seeds = make_train(args, env), list(range(args.seed, args.seed + args.num_seeds))
-        eval_act = jax.jit(
-            jax.vmap(lambda p, o, key, t: train.policy(p, o, jax.random.fold_in(key, t)), (0, 0, 0, None))
-        )
-        if args.eval_only:
-            step = int(ckpt["global_step"])
-            returns, lengths = evaluate(env, eval_act, ckpt["actor"], seeds, step)
-            metrics = {"episodic_return": returns, "episode_length": lengths}
-            run.log(step, seeds, metrics, 0.0, time.time() - run.start)
-            result = {"last": metrics, "best": metrics, "sps": 0.0, "global_step": step}
-            print(f"eval-only {args.checkpoint} at global_step {step}: episodic_return per seed {returns.tolist()}")
-        else:
-            shape = jax.eval_shape(jax.vmap(train.init), jnp.asarray(seeds, jnp.int32))
-            buffer_gb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shape["buffer"])) / 1e9
-            dims = f"agents {env.agents}, obs {env.obs_dims}, state {env.state_dim}, actions {env.act_dims}"
-            where = f"{env.num_envs} envs x {args.num_seeds} seeds on {env.base.device}, JAX on {jax.default_backend()}"
-            print(f"{env_id}: {dims}, {where}; replay buffer {buffer_gb:.2f} GB; compiling", flush=True)
-            rs = jax.jit(jax.vmap(train.init))(jnp.asarray(seeds, jnp.int32))
-            act = jax.jit(jax.vmap(train.act, in_axes=(0, 0, 0, None)))
-            learn = jax.jit(jax.vmap(train.learn, in_axes=(0, 0, None)), donate_argnums=0)
-            times = np.zeros(3)  # seconds: training (Isaac Sim steps included), in env.step, evaluating
-
-            def train_and_evaluate(chunk, bar):
-                nonlocal rs, start, times
-                chunk_start, n = time.time(), train.iters_per_chunk
-                rs, metrics, env_time = train_chunk(env, act, learn, rs, start, range(chunk * n, (chunk + 1) * n), bar)
-                train_time = time.time() - chunk_start
-                step = (chunk + 1) * train.steps_per_chunk
-                returns, lengths = evaluate(env, eval_act, rs["learner"]["actor"], seeds, step)
-                start = env.reset()  # training resumes from fresh episodes after the evaluation
-                times += (train_time, env_time, time.time() - chunk_start - train_time)
-                metrics |= {"episodic_return": returns, "episode_length": lengths}
-                return metrics | {"env_share": np.full(args.num_seeds, env_time / train_time)}, rs["learner"]
-
-            try:
-                result = train_loop(run, seeds, train.num_chunks, train.steps_per_chunk, train_and_evaluate)
-            except (Stop, KeyboardInterrupt) as e:
-                return run.stop(e)
-            if args.save_model:
-                save_checkpoint(run.path("model.flax"), rs["learner"]["actor"], result["global_step"], args)
-        summary = {"env_id": env_id, "total_timesteps": result["global_step"], "num_seeds": args.num_seeds}
-        summary |= {"final_eval_return": stats(result["last"]["episodic_return"])}
-        summary |= {"best_eval_return": stats(result["best"]["episodic_return"]), "sps": result["sps"]}
-        summary |= {"eval_only": args.eval_only, "jax_backend": jax.default_backend()}
-        if not args.eval_only:  # where the time went: env steps/s of training alone and the Isaac Sim share of it
-            summary |= {f"{k}_time_s": round(float(t), 2) for k, t in zip(("train", "env", "eval"), times, strict=True)}
-            summary["train_sps"] = round(result["global_step"] / times[0], 1)
+        # TRY NOT TO MODIFY: build and compile; each chunk: the env loop, evaluate, log, progress; then save, summarise
+        env_id, seeds = f"IsaacLab_{args.task}", list(range(args.seed, args.seed + args.num_seeds))
+        run, start = RunFolder(args, env_id, METRICS), env.reset()  # the state's size is known after the first reset
+        train, dims = make_train(args, env), f"obs {env.obs_dims}, state {env.state_dim}, actions {env.act_dims}"
+        # committed to the env's device, as DLPack's arrays are: learn then compiles once (a mix of both compiles twice)
+        rs = jax.device_put(jax.jit(jax.vmap(train.init))(jnp.asarray(seeds, jnp.int32)), start["obs"].sharding)
+        where = f"{env.num_envs} envs x {args.num_seeds} seeds on {env.base.device}, JAX on {jax.default_backend()}"
+        gb = sum(x.nbytes for x in jax.tree.leaves(rs["buffer"])) / 1e9
+        print(f"{env_id}: {env.agents}, {dims}; {where}; replay buffers {gb:.2f} GB", flush=True)
+        act = jax.jit(jax.vmap(train.act, in_axes=(0, 0, 0, None)))
+        learn = jax.jit(jax.vmap(train.learn, in_axes=(0, 0, None)), donate_argnums=0)
+        eval_act = jax.jit(jax.vmap(train.eval_policy, (0, 0, 0, None)))  # play() compiles it the same way
+        times, returns, t0 = np.zeros(3), [], time.time()  # seconds: training (env steps included), env.step, eval
+        bar = tqdm(total=train.num_chunks * train.steps_per_chunk, unit="step", desc=f"{args.num_seeds} seed(s)")
+        for chunk in range(train.num_chunks):
+            chunk_start, env_time, obs, state, updates = time.time(), 0.0, start["obs"], start["state"], []
+            zeros = jnp.zeros((args.num_seeds, env.num_envs))
+            ep = {"ret": zeros, "sum": zeros[:, 0], "count": zeros[:, 0]}  # training episodes' returns
+            for iteration in range(chunk * train.iters_per_chunk, (chunk + 1) * train.iters_per_chunk):
+                key, action = act(rs["learner"]["actor"], rs["key"], obs, np.int32(iteration))
+                env_start = time.time()
+                out = env.step(action)  # Isaac Sim runs asynchronously on the GPU: env_time is a lower bound
+                env_time += time.time() - env_start
+                transitions = {"obs": obs, "state": state, "action": action, "next_obs": out["obs"]}
+                transitions |= {k: out[k] for k in ("reward", "terminal", "truncated")} | {"next_state": out["state"]}
+                ep, obs, state = track_episodes(ep, out["reward"], out["done"]), out["obs"], out["state"]
+                rs, metrics, updated = learn(rs | {"key": key}, transitions, np.int32(iteration))
+                updates.append((metrics, updated))
+                bar.update(env.num_envs)
+            jax.block_until_ready(rs["learner"])  # the last update, dispatched asynchronously, counts as training
+            train_time, global_step = time.time() - chunk_start, (chunk + 1) * train.steps_per_chunk
+            metrics = chunk_metrics(updates, ep) | evaluate(env, eval_act, rs["learner"]["actor"], seeds, global_step)
+            start = env.reset()  # training resumes from fresh episodes after the evaluation
+            times += (train_time, env_time, time.time() - chunk_start - train_time)
+            metrics["env_share"] = np.full(args.num_seeds, env_time / train_time)
+            ok = run.log(global_step, seeds, metrics, rs["learner"], global_step / (time.time() - t0))
+            returns.append(metrics["episodic_return"])
+            bar.set_postfix(eval=f"{returns[-1][ok].mean():.2f}")
+            if not ok.any():
+                break  # every seed diverged
+        bar.close()
+        if args.save_model:  # every seed's actor and the flags that rebuild it (benchmarks/evaluate.py)
+            model = {"actor": rs["learner"]["actor"], "global_step": global_step, "config": json.dumps(asdict(args))}
+            with open(os.path.join(run.dir, "model.flax"), "wb") as f:
+                f.write(flax.serialization.to_bytes(model | {"script": os.path.basename(__file__)}))
+        best = max(returns, key=lambda r: r[ok].mean())  # Table 1: the best mean eval return during training
+        summary = {"env_id": env_id, "total_timesteps": global_step, "num_seeds": args.num_seeds}
+        summary |= {"final_eval_return": stats(returns[-1][ok]), "best_eval_return": stats(best[ok])}
+        summary |= {"sps": round(global_step / (time.time() - t0), 1), "jax_backend": jax.default_backend()}
+        summary |= {f"{k}_time_s": round(float(t), 2) for k, t in zip(("train", "env", "eval"), times, strict=True)}
+        summary["train_sps"] = round(global_step / times[0], 1)
         lines = {"eval (stochastic policy)": ("episodic_return", {}), "training episodes": ("train_return", {})}
-        return run.finish(summary, {"episode return": lines}, f"DDPL on {env_id}")
+        return run.finish(summary if ok.any() else None, {"episode return": lines}, f"DDPL on {env_id}")
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    sys.exit(main(tyro.cli(Args)))

@@ -53,6 +53,16 @@ def jax_native(env_fn, names=("episodic_return", "disc_return")):
     return evaluate
 
 
+def isaaclab(mod, args, actor, global_step: int) -> dict:
+    """ddpl_isaaclab.py: its play(), main's evaluation (the first episode of every env) on Isaac Sim; exit 2 where
+    Isaac Sim cannot run."""
+    try:
+        return mod.play(args, actor, global_step)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def mamujoco(mod, args, actor, global_step: int) -> dict:
     """ddpl_mamujoco.py: main's evaluation, make_evaluate (MuJoCo envs in Python, the policy compiled ahead of time)."""
     env = mod.MaMuJoCo(args.task, 1, args.local_obs, max_episode_steps=args.max_episode_steps)
@@ -66,6 +76,7 @@ EVALUATORS = {
     "ddpl_smax.py": jax_native(
         lambda mod, args: mod.SMAXArrays(args.map), ("episodic_return", "win_rate", "disc_return")
     ),
+    "ddpl_isaaclab.py": isaaclab,
 }
 
 
@@ -93,7 +104,11 @@ def main() -> int:
     if opts.num_eval_episodes < 0:
         print(f"error: --num-eval-episodes must be >= 1 (0: the run's), got {opts.num_eval_episodes}", file=sys.stderr)
         return 2
-    args = replace(args, num_eval_episodes=opts.num_eval_episodes or args.num_eval_episodes)
+    if hasattr(args, "num_eval_episodes"):
+        args = replace(args, num_eval_episodes=opts.num_eval_episodes or args.num_eval_episodes)
+    elif opts.num_eval_episodes:  # ddpl_isaaclab.py: the first episode of each of its --num-envs envs per seed
+        print(f"error: {script} evaluates one episode per env; --num-eval-episodes does not apply", file=sys.stderr)
+        return 2
     step = int(model["global_step"])
     metrics = EVALUATORS[script](mod, args, model["actor"], step)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
@@ -104,7 +119,8 @@ def main() -> int:
             )
         )
         return 0
-    print(f"{script} at env step {step:,}, {args.num_eval_episodes} episodes per seed, stochastic policy")
+    episodes = getattr(args, "num_eval_episodes", args.num_envs)  # ddpl_isaaclab.py: one in each env
+    print(f"{script} at env step {step:,}, {episodes} episodes per seed, stochastic policy")
     for i, seed in enumerate(seeds):
         print(f"seed {seed}: " + ", ".join(f"{k} {v[i]:.6g}" for k, v in metrics.items()))
     return 0
