@@ -21,14 +21,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_RETURN = 2.0  # all enemy health removed (1.0) + the win bonus (1.0)
-# ENVIRONMENTS.md, 200 episodes each on 3s_vs_5z: return, win rate
+# docs/environments.md, 200 episodes each on 3s_vs_5z: return, win rate
 # one update per 4 env steps, smaller and cheaper networks, a faster Polyak rate, rewards x10 (issue 17)
 CPU_CONFIG = [
     "--num-envs", "4", "--hidden-size", "128", "--num-diffusion-steps", "10", "--tau", "0.02", "--reward-scale", "10",
 ]  # fmt: skip
 REFERENCE_LEVELS = [
-    ("random policy (ENVIRONMENTS.md)", 0.22, 0.0),
-    ("stand and shoot nearest (ENVIRONMENTS.md)", 0.30, 0.0),
+    ("random policy (docs/environments.md)", 0.22, 0.0),
+    ("stand and shoot nearest (docs/environments.md)", 0.30, 0.0),
 ]
 
 

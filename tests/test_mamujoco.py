@@ -259,7 +259,7 @@ def test_one_joint_per_agent_partitions_follow_harl():
     ant = ddpl_mamujoco.MaMuJoCo("Ant-8x1", 1, True)
     lib = ant.envs[0]
     assert [p[0].label for p in lib.agent_action_partitions] == list(ddpl_mamujoco.ONE_JOINT_PER_AGENT["Ant-8x1"][1])
-    assert [len(lib._get_obs()[a]) for a in lib.possible_agents] == [29, 32] * 4  # ENVIRONMENTS.md
+    assert [len(lib._get_obs()[a]) for a in lib.possible_agents] == [29, 32] * 4  # docs/environments.md
     hs = ddpl_mamujoco.MaMuJoCo("HumanoidStandup-17x1", 1, True)
     assert (hs.num_agents, hs.act_dim, hs.state_dim, hs.obs_dim) == (17, 1, 348, 92)
     np.testing.assert_allclose(hs.high, 0.4)
