@@ -6,10 +6,8 @@ paper's Thm 3.1) or weighted maximum likelihood (`--projection`), `--policy diff
 `--env` mpe, smax or toy (Sec. 3's N-agent game). Flags, metrics and measured numbers: docs/ddpl_gaussian_ablation.md.
 """
 
-import contextlib
 import csv
 import importlib.util
-import io
 import json
 import os
 import sys
@@ -27,11 +25,15 @@ import optax
 import tyro
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO, map_name_to_scenario
-from jaxmarl.registration import registered_envs
+from tqdm import tqdm
 
 UPDATE_METRICS = ("critic_loss", "actor_loss", "q_mean", "max_weight", "weight_ess", "eta", "action_std")
 METRICS = ("episodic_return", "win_rate", "train_return", "train_win_rate", "q_first", "disc_return", *UPDATE_METRICS)
 PROBE_SAMPLES = 512  # --probe-every: actions drawn per agent and probe
+# JaxMARL 0.2.0's MPE scenarios that take action_type="Continuous" (tests/test_mpe.py checks the list)
+MPE_SCENARIOS = "reference_v3 v3 tag_v3 world_comm_v3 spread_v3 crypto_v3 speaker_listener_v4 push_v3 adversary_v3"
+ENV_IDS = Literal[tuple(f"MPE_simple_{name}" for name in MPE_SCENARIOS.split())]
+SMAX_MAPS = tuple(sorted(MAP_NAME_TO_SCENARIO))  # --map's choices: the maps map_name_to_scenario knows
 # the toy game's parameters: toy_failure_mode.py's defaults (tests/test_gaussian_ablation.py checks they agree)
 TOY = {"bump_reward": 1.0, "bump_width": 0.1, "a_star": 0.8, "delta": 0.1, "p_goal": 0.5}
 TOY |= {"goal_reward": 1.0, "goal_action": -0.5, "goal_width": 0.1}
@@ -43,15 +45,15 @@ class Args:
     exp_name: str = "ddpl_gaussian_ablation"  # the name of this experiment (part of the run folder's name)
     seed: int = 0  # seed of the first lane; lane i of --num-seeds uses seed + i (the `seed` column of metrics.csv)
     num_seeds: int = 1  # independent runs vmapped in one process, split over all local devices (a multiple of them)
-    track: bool = False  # log to Weights & Biases as well (one W&B run per seed and policy class)
+    track: bool = False  # log to Weights & Biases as well (one run, every metric per class, N on the toy, and seed)
     wandb_project_name: str = "ddpl"  # the W&B project
     wandb_entity: str | None = None  # the W&B entity (team); None: your default
     runs_dir: str = "runs"  # parent folder of the run folder
 
     # What is compared
     env: Literal["mpe", "smax", "toy"] = "mpe"  # mpe (--env-id), smax (--map) or toy (N-agent toy game; own defaults)
-    env_id: str = "MPE_simple_reference_v3"  # with --env mpe: a JaxMARL MPE scenario with action_type="Continuous"
-    map: str = "3s_vs_5z"  # with --env smax: an SMAX map (as ddpl_smax.py)
+    env_id: ENV_IDS = "MPE_simple_reference_v3"  # with --env mpe: a continuous-action JaxMARL MPE scenario
+    map: Literal[SMAX_MAPS] = "3s_vs_5z"  # with --env smax: an SMAX map (as ddpl_smax.py)
     toy_agents: tuple[int, ...] = (1, 2, 3, 4)  # with --env toy: the numbers of agents N, trained and evaluated in turn
     policy: Literal["gaussian", "diffusion"] = "gaussian"  # gaussian (ablation) or diffusion (DDPL); --compare: both
     projection: Literal["reverse", "forward"] = "reverse"  # Gaussian fit: reverse KL (the paper's) or forward (ours)
@@ -94,25 +96,8 @@ TOY_DEFAULTS = Args(
 
 # ALGO LOGIC: environment glue, ddpl_mpe.py's MPEArrays and ddpl_smax.py's SMAXArrays (the same text), and the toy.
 # The loop sees every env as SMAXArrays: obs (N, obs_dim), a critic state, actions in [-1, 1]^(N, act_dim), flags.
-def is_continuous_mpe(env_id: str) -> bool:
-    """A registered JaxMARL MPE scenario whose constructor accepts action_type="Continuous"."""
-    try:
-        return (
-            env_id.startswith("MPE_")
-            and env_id in registered_envs
-            and bool(jaxmarl.make(env_id, action_type="Continuous"))
-        )
-    except Exception:  # e.g. the facmac scenarios: continuous already, but they reject the keyword
-        return False
-
-
-def valid_env_ids() -> list[str]:
-    return [env_id for env_id in registered_envs if is_continuous_mpe(env_id)]
-
-
 class MPEArrays:
-    """An MPE env as arrays: obs (N, obs_dim), learner actions in [-1, 1]^(N, act_dim), rewards (N,). Agents with
-    fewer observation or action dims are zero-padded to the largest (one stacked parameter pytree for all)."""
+    """MPE as arrays: obs (N, D), actions in [-1, 1]^(N, A), rewards (N,); smaller agents' dims zero-padded."""
 
     def __init__(self, env_id: str):
         self.env = jaxmarl.make(env_id, action_type="Continuous")
@@ -135,13 +120,12 @@ class MPEArrays:
         return self.stack_obs(obs), state
 
     def step(self, key, state, action):
-        """One env step -> (next_obs: the true successor, for the buffer; obs: what the policies see next, the reset
-        observation where the episode ended; state, reward, done). step_env + reset: env.step drops the terminal obs."""
+        """-> (next_obs, the true successor, for the buffer; obs, the next input, reset where done; state, r, done)"""
         env_action = {  # learner actions in [-1, 1] mapped affinely onto the box (MPE: [0, 1])
             a: lo + 0.5 * (action[i, :d] + 1.0) * (hi - lo)
             for i, (a, d, lo, hi) in enumerate(zip(self.agents, self.act_dims, self.low, self.high, strict=True))
         }
-        key, key_reset = jax.random.split(key)
+        key, key_reset = jax.random.split(key)  # step_env, then reset: env.step would drop the terminal observation
         obs_st, state_st, reward, dones, _ = self.env.step_env(key, state, env_action)
         obs_re, state_re = self.env.reset(key_reset)
         done = dones["__all__"]
@@ -160,11 +144,11 @@ def no_deaths_step(next_obs, obs, state, reward, done, won) -> dict:
 
 
 class MPEGlue(MPEArrays):
-    """MPEArrays seen as SMAXArrays (no_deaths_step): nobody wins either."""
+    """MPEArrays of --env-id seen as SMAXArrays (no_deaths_step): nobody wins either."""
 
-    def __init__(self, env_id: str, team_reward: bool):
-        super().__init__(env_id)
-        self.state_dim, self.team_reward = self.num_agents * self.obs_dim, team_reward
+    def __init__(self, args: Args):
+        super().__init__(args.env_id)
+        self.state_dim, self.team_reward = self.num_agents * self.obs_dim, args.team_reward
 
     def reset(self, key):
         obs, state = super().reset(key)
@@ -185,8 +169,7 @@ class SMAXArrays:
     def __init__(self, map_name: str, **smax_kwargs):  # smax_kwargs, e.g. max_steps, go to SMAX (tests use them)
         scenario = map_name_to_scenario(map_name)
         self.env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, action_type="continuous", **smax_kwargs)
-        self.agents = self.env.agents
-        self.num_agents = self.env.num_allies
+        self.agents, self.num_agents = self.env.agents, self.env.num_allies
         self.obs_dim = self.env.observation_space(self.agents[0]).shape[0]
         self.state_dim = (self.env.num_allies + self.env.num_enemies) * len(self.env.own_features)  # every unit
         self.act_dim = len(self.env.continuous_action_dims)  # 4
@@ -219,20 +202,15 @@ class SMAXArrays:
         next_obs, next_world_state = jnp.stack([obs_st[a] for a in self.agents]), self.critic_state(state_st)
         alive, next_alive = state.state.unit_alive, state_st.state.unit_alive  # allies first, then enemies
         allies_dead, enemies_dead = ~next_alive[:n].any(), ~next_alive[n:].any()
-        return {
-            "next_obs": next_obs,
-            "next_world_state": next_world_state,
-            "reward": reward[self.agents[0]],  # the team reward, identical for every ally
-            # a whole team dead ends the episode; the step-101 time limit is truncation (done, not terminal)
-            "terminal": (allies_dead | enemies_dead).astype(jnp.float32),
-            "done": done,
-            "won": enemies_dead & ~allies_dead,  # exactly when SMAX pays the won_battle_bonus
-            "alive": alive[:n],  # allies alive at s
-            "next_alive": next_alive[:n],  # allies alive at s' (before any reset)
-            "obs": jnp.where(done, obs_re, next_obs),
-            "world_state": jnp.where(done, world_state_re, next_world_state),
-            "state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st),
-        }
+        out = {"next_obs": next_obs, "next_world_state": next_world_state}  # the true successor s' (for the buffer)
+        # a whole team dead ends the episode; the step-101 time limit is truncation (done, not terminal)
+        out |= {"terminal": (allies_dead | enemies_dead).astype(jnp.float32), "done": done}
+        # the team reward (identical for every ally); won: exactly when SMAX pays the won_battle_bonus
+        out |= {"reward": reward[self.agents[0]], "won": enemies_dead & ~allies_dead}
+        out |= {"alive": alive[:n], "next_alive": next_alive[:n]}  # allies alive at s and at s' (before any reset)
+        obs, world_state = jnp.where(done, obs_re, next_obs), jnp.where(done, world_state_re, next_world_state)
+        out |= {"obs": obs, "world_state": world_state}  # what the policies see next: reset where the episode ended
+        return out | {"state": jax.tree.map(lambda r, s: jax.lax.select(done, r, s), state_re, state_st)}
 
 
 class ToyArrays:
@@ -261,12 +239,6 @@ class ToyArrays:
         state = jax.tree.map(lambda r, s: jnp.where(done, r, s), state_re, {"pos": next_pos, "t": state["t"] + 1})
         won = done & (next_pos == 1).all()  # every copy at goal when the episode ends
         return no_deaths_step(next_obs, jnp.where(done, obs_re, next_obs), state, reward, done, won)
-
-
-def make_env(args: Args, num_agents: int | None = None):
-    if args.env == "toy":
-        return ToyArrays(num_agents)
-    return SMAXArrays(args.map) if args.env == "smax" else MPEGlue(args.env_id, args.team_reward)
 
 
 def buffer_init(size: int, N: int, D: int, S: int, A: int) -> dict:
@@ -700,137 +672,65 @@ def make_train(args: Args, env, policy: str):
                            steps_per_chunk=steps_per_chunk, num_chunks=num_chunks)  # fmt: skip
 
 
-# TRY NOT TO MODIFY: command line, the run folder, the chunk loop with its divergence guard, figures
-# --- plumbing: begin ---
-# Identical text in every ddpl_*.py (tests/test_core_identity.py), but a script leaves out the parts it never calls.
-def parse_args(**kwargs) -> "Args":
-    """tyro.cli(Args), with tyro's boxed error condensed to one line on stderr (exit 2)."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return tyro.cli(Args, **kwargs)
-    except SystemExit as e:
-        if e.code:  # the box's first paragraph
-            lines = [ln.strip("│╭╮╰╯─ ") for ln in err.getvalue().splitlines()][1:] + [""]
-            message = " ".join(lines[: lines.index("")]) or "invalid command line"
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        raise
+# TRY NOT TO MODIFY: the run folder (config.json, metrics.csv, W&B, summary.json last), statistics, the learning curve.
+# Identical text in every ddpl_*.py (tests/test_core_identity.py); a script leaves out the parts it never calls.
+# --- harness: begin ---
+class RunFolder:
+    """runs/<run_name>/: config.json at once, metrics.csv and W&B at every log, summary.json last (else: unfinished)."""
+
+    def __init__(self, args, env_id: str, columns: tuple[str, ...], labels: tuple[str, ...] = ()):
+        self.args, self.start, self.rows, self.diverged = args, time.time(), [], {}
+        self.dir = os.path.join(args.runs_dir, f"{env_id}__{args.exp_name}__{args.seed}__{int(self.start)}")
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.file = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
+        columns = ("global_step", "seed", *labels, *columns, "sps", "wall_time")
+        self.writer = csv.DictWriter(self.file, columns, extrasaction="ignore")
+        self.writer.writeheader()
+        wb = importlib.import_module("wandb") if args.track else None  # one W&B run for all seeds
+        self.wandb = wb and wb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args))
+
+    def log(self, global_step: int, seeds: list[int], metrics: dict, learner, sps: float, **labels) -> np.ndarray:
+        """A row per seed (labels: the ablation's class, N); reports diverged seeds once. -> which never diverged"""
+        metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
+        finite = np.all([np.isfinite(x).reshape(len(seeds), -1).all(1) for x in jax.tree.leaves(learner)], axis=0)
+        tag = "".join(f"{v}/" for v in labels.values())
+        for i, seed in enumerate(seeds):
+            test = np.isinf if finite[i] else lambda x: ~np.isfinite(x)  # NaN losses alone: a chunk without updates
+            bad = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics and test(metrics[k][i])]
+            if (bad or not finite[i]) and (tag, seed) not in self.diverged:
+                self.diverged[tag, seed] = {"seed": seed, "labels": tag, "global_step": global_step}
+                bad = ", ".join(bad + ([] if finite[i] else ["parameters"]))
+                tqdm.write(f"{tag}seed {seed} diverged at env step {global_step}: {bad} non-finite", sys.stderr)
+            row = {"global_step": global_step, "seed": seed, **labels} | {k: float(v[i]) for k, v in metrics.items()}
+            self.rows.append(row | {"sps": round(sps, 1), "wall_time": round(time.time() - self.start, 2)})
+            self.writer.writerow(self.rows[-1])
+        if self.wandb:  # every metric per seed ("seed3/episodic_return"), never averaged over seeds
+            data = {f"{tag}seed{s}/{k}": v[i] for k, v in metrics.items() for i, s in enumerate(seeds)}
+            self.wandb.log(data | {"global_step": global_step})
+        self.file.flush()
+        return np.array([(tag, seed) not in self.diverged for seed in seeds])
+
+    def finish(self, summary: dict | None, panels: dict, title: str) -> int:
+        """Draws the learning curve, writes summary.json (None: every seed diverged, so none). -> the exit code."""
+        self.file.close()
+        plot_curve(self.rows, os.path.join(self.dir, "learning_curve.png"), title, panels)
+        if summary is not None:
+            summary = {"script": os.path.basename(__file__), **summary, "diverged_seeds": list(self.diverged.values())}
+            with open(os.path.join(self.dir, "summary.json"), "w") as f:
+                json.dump(summary | {"wall_time_s": round(time.time() - self.start, 2)}, f, indent=2)
+            finals = {k.replace("_", " "): v for k, v in summary.items() if k.startswith("final_") and "mean" in v}
+            print(*(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in finals.items()), sep="\n")
+        if self.wandb:
+            self.wandb.finish()
+        print(f"wrote {self.dir}" + ("" if summary else ": every seed diverged, no summary.json"))
+        return 1 if self.diverged else 0
 
 
 def stats(values) -> dict:
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
-
-
-def divergence(metrics: dict, learner: dict) -> str | None:
-    """The divergence guard: which losses, Q means or parameter groups are non-finite after a chunk (None: none).
-    A warm-up chunk logs NaN losses by design, so the parameters decide; infinite losses or Q count at once."""
-    names = [k for k in ("critic_loss", "actor_loss", "q_mean") if k in metrics]
-    finite = lambda tree: all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))  # noqa: E731
-    groups = [k for k, v in learner.items() if not finite(v)]
-    bad = [k for k in names if (np.isinf(metrics[k]) if not groups else ~np.isfinite(metrics[k])).any()]
-    return ", ".join(bad + [f"{k} parameters" for k in groups]) + " non-finite" if bad or groups else None
-
-
-def seed_placement():
-    """(lanes, whole): the seed axis split over the local devices (1-D mesh "seed"), and a replicated placement."""
-    mesh = Mesh(np.array(jax.local_devices()), ("seed",))
-    return NamedSharding(mesh, PartitionSpec("seed")), NamedSharding(mesh, PartitionSpec())
-
-
-class Stop(Exception):
-    """Ends a run without summary.json: diverged (exit 1)."""
-
-
-class RunFolder:
-    """runs/<run_name>/: config.json at once, metrics.csv and W&B row by row, summary.json last: its presence marks a
-    complete run. log()'s `labels` are extra columns (the ablation's policy class) that also name the W&B runs."""
-
-    def __init__(self, args: "Args", env_id: str, columns: tuple[str, ...]):
-        self.args, self.start, self.rows, self.wandb = args, time.time(), [], {}
-        self.name = f"{env_id.replace('|', '_')}__{args.exp_name}__{args.seed}__{int(self.start)}"
-        self.dir = os.path.join(args.runs_dir, self.name)
-        os.makedirs(self.dir, exist_ok=True)
-        with open(self.path("config.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        self.file = open(self.path("metrics.csv"), "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=("global_step", "seed", *columns, "sps", "wall_time"))
-        self.writer.writeheader()
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def log(self, global_step: int, seeds: list[int], metrics: dict, sps: float, wall_time: float, **labels):
-        for i, seed in enumerate(seeds):
-            row = dict.fromkeys(self.writer.fieldnames, "") | {"global_step": global_step, "seed": seed, **labels}
-            row |= {k: float(v[i]) for k, v in metrics.items() if k in row} | {"sps": round(sps, 1)}
-            self.writer.writerow(row | {"wall_time": round(wall_time, 2)})
-            self.rows.append(row)
-            if self.args.track:
-                self.wandb_run(seed, labels).log(
-                    {k: v for k, v in row.items() if v != "" and k not in labels}, step=global_step
-                )
-        self.file.flush()
-
-    def wandb_run(self, seed: int, labels: dict):
-        """One W&B run per seed (and label), grouped by run name: seeds are never averaged silently."""
-        if (key := (*labels.values(), seed)) not in self.wandb:
-            import wandb
-
-            name, config = "__".join(map(str, (self.name, *key))), asdict(self.args) | labels | {"lane_seed": seed}
-            self.wandb[key] = wandb.init(project=self.args.wandb_project_name, entity=self.args.wandb_entity,
-                                         name=name, group=self.name, config=config, reinit="create_new")  # fmt: skip
-        return self.wandb[key]
-
-    def stop(self, e: BaseException) -> int:
-        print(f"error: {e}" if isinstance(e, Stop) else "interrupted", end="", file=sys.stderr)
-        print(f"; {self.dir} is incomplete (no summary.json)", file=sys.stderr)
-        return 1 if isinstance(e, Stop) else 130
-
-    def finish(self, summary: dict, panels: dict, title: str) -> int:
-        """Draws the learning curve (plot_curve's panels), then writes summary.json and prints the final_* results."""
-        self.file.close()
-        plot_curve(self.rows, self.path("learning_curve.png"), title, panels)
-        summary = {"script": os.path.basename(__file__), **summary, "wall_time_s": round(time.time() - self.start, 2)}
-        with open(self.path("summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        for run in self.wandb.values():
-            run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-            run.finish()
-        for name, value in summary.items():  # final eval return, and final win rate where there is one
-            if name.startswith("final_") and "mean" in value:
-                print(f"{name.replace('_', ' ')} {value['mean']:.3f} +- {value['std']:.3f}")
-        print(f"wrote {self.dir}")
-        return 0
-
-
-def train_loop(run: RunFolder, seeds: list[int], chunks: int, steps: int, chunk_fn, probe_fn=None, **labels) -> dict:
-    """chunk_fn(chunk, bar) -> (metrics of per-seed arrays, learner) trains `steps` env steps per seed, then evaluates.
-    Logs every chunk, stops on divergence, takes probe_fn() (--probe-every) at step 0 and every --probe-every steps.
-    Returns the last and the best metrics (highest mean eval return: Table 1's statistic), sps, step and probes."""
-    from tqdm import tqdm
-
-    start, best, probes = time.time(), {"episodic_return": np.array(-np.inf)}, {}
-    if probe_fn is not None:
-        probes[0] = np.asarray(probe_fn())
-    tag = ", ".join(f"{k} {v}" for k, v in labels.items())  # the ablation's policy class (and N on the toy)
-    desc = ", ".join([*([tag] if tag else []), f"{len(seeds)} seed(s)"])
-    with tqdm(total=chunks * steps, unit="step", desc=desc) as bar:
-        for chunk in range(chunks):
-            metrics, learner = chunk_fn(chunk, bar)
-            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-            global_step, elapsed = (chunk + 1) * steps, time.time() - start
-            run.log(global_step, seeds, metrics, global_step / elapsed, elapsed, **labels)
-            if reason := divergence(metrics, learner):  # metrics.csv keeps this chunk; no summary.json
-                raise Stop(f"{tag + ': ' if tag else ''}diverged at env step {global_step}: {reason}")
-            best = metrics if metrics["episodic_return"].mean() > best["episodic_return"].mean() else best
-            if probe_fn is not None and global_step % run.args.probe_every == 0:
-                probes[global_step] = np.asarray(probe_fn())
-            bar.update(global_step - bar.n)
-            shown = {"eval": "episodic_return", "win": "win_rate"}
-            bar.set_postfix({name: f"{metrics[k].mean():.2f}" for name, k in shown.items() if k in metrics})
-    result = {"last": metrics, "best": best, "sps": round(global_step / elapsed, 1), "global_step": global_step}
-    return result | {"probes": {"steps": list(probes), "actions": np.stack(list(probes.values()))} if probes else None}
 
 
 def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
@@ -842,11 +742,9 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
         for (label, (column, where)), color in zip(lines.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
             rows_in = [r for r in rows if all(r[k] == v for k, v in where.items())]
             steps = sorted({r["global_step"] for r in rows_in})
-            values = [
-                [np.nan if r[column] == "" else r[column] for r in rows_in if r["global_step"] == s] for s in steps
-            ]
+            values = np.array([[r.get(column, np.nan) for r in rows_in if r["global_step"] == s] for s in steps])
             if steps and not np.all(np.isnan(values)):  # NaN (nothing logged) leaves a gap
-                mean, std = np.mean(values, axis=1), np.std(values, axis=1)
+                mean, std = np.nanmean(values, axis=1), np.nanstd(values, axis=1)
                 ax.plot(steps, mean, "o-" if len(steps) == 1 else "-", color=color, label=label)
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
         ax.set(xlabel="environment steps per seed", ylabel=f"{ylabel} (mean, std over seeds)")
@@ -855,58 +753,30 @@ def plot_curve(rows: list[dict], path: str, title: str, panels: dict):
     fig.savefig(path, dpi=100)
 
 
-def plot_probes(probes: dict, dims: tuple[int, int], path: str, title: str):
-    """Fig. 4 right analogue: per entry of `probes` and probe step, agents 0 and 1's actions (dims `dims`), seed 0."""
+# --- harness: end ---
+
+
+def save_probes(probes: dict, dims: tuple[int, int], run_dir: str, title: str):
+    """probes.npz, and probe.png (Fig. 4 right analogue): agents 0 and 1's actions per class and probe, seed lane 0."""
     from matplotlib.figure import Figure
 
-    steps = next(iter(probes.values()))["steps"]
-    fig = Figure(figsize=(2.6 * len(steps), 2.6 * len(probes)), layout="tight")
-    axes = fig.subplots(len(probes), len(steps), squeeze=False)
+    arrays = {f"{c}__{k}": np.asarray(v) for c, p in probes.items() for k, v in p.items()}  # <class>__steps, __actions
+    np.savez(os.path.join(run_dir, "probes.npz"), **arrays)
+    cols = max(len(probe["steps"]) for probe in probes.values())  # fewer for a class whose seeds all diverged
+    fig = Figure(figsize=(2.6 * cols, 2.6 * len(probes)), layout="tight")
+    axes = fig.subplots(len(probes), cols, squeeze=False)
     for row, (label, probe) in enumerate(probes.items()):
-        for col, step in enumerate(steps):
+        for col, step in enumerate(probe["steps"]):
             for agent, color in ((0, "tab:blue"), (1, "tab:red")):
                 a = probe["actions"][col, 0, min(agent, probe["actions"].shape[2] - 1)][:, list(dims)]
                 axes[row][col].scatter(*a.T, s=2, alpha=0.3, color=color, label=f"agent {agent}")
             axes[row][col].set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xticks=[], yticks=[])
             axes[row][col].set_title(f"{label}, {step:,} steps", fontsize=8)
+        for ax in axes[row][len(probe["steps"]) :]:  # probes a diverged class did not take
+            ax.set_axis_off()
     axes[0][0].legend(fontsize=7, markerscale=4)
     fig.suptitle(f"{title}: action dims {dims[0]} (x) and {dims[1]} (y) at the probe state, seed lane 0")
-    fig.savefig(path, dpi=100)
-
-
-# --- plumbing: end ---
-
-
-def train_class(args: Args, run: RunFolder, env, seeds, **labels) -> tuple[dict, dict]:
-    """Compiles and trains one class (labels["policy"]) for all seeds -> (its statistics, train_loop's result)."""
-    start, train = time.time(), make_train(args, env, "diffusion" if labels["policy"] == "diffusion" else "gaussian")
-    lanes, whole = seed_placement()
-    rs = jax.jit(jax.vmap(train.init), out_shardings=lanes)(seeds)
-    chunk_fn = jax.jit(jax.vmap(train.chunk, (0, None)), in_shardings=(lanes, whole), out_shardings=lanes,
-                       donate_argnums=0).lower(rs, jnp.int32(0)).compile()  # fmt: skip
-    evaluate = jax.jit(jax.vmap(train.evaluate, (0, 0, None)), in_shardings=(lanes, lanes, whole), out_shardings=lanes)
-    evaluate = evaluate.lower(rs["learner"]["actor"], seeds, jnp.int32(0)).compile()
-    critic_value, probe = jax.jit(jax.vmap(train.critic_value)), jax.jit(jax.vmap(train.probe))
-    name = ", ".join(f"{k} {v}" for k, v in labels.items())
-    print(f"{name}: compiled in {time.time() - start:.0f} s; {train.num_chunks} chunks x {train.steps_per_chunk} steps")
-
-    def run_chunk(chunk, bar):  # train, then evaluate
-        nonlocal rs
-        rs, metrics = chunk_fn(rs, jnp.int32(chunk))
-        step = jnp.int32((chunk + 1) * train.steps_per_chunk)
-        returns, wins, disc, state, action = evaluate(rs["learner"]["actor"], seeds, step)
-        q_first = critic_value(rs["learner"]["critic"], state, action)
-        metrics = {"episodic_return": returns, "win_rate": wins, "q_first": q_first, "disc_return": disc, **metrics}
-        return metrics, rs["learner"]
-
-    probe_fn = (lambda: probe(rs["learner"]["actor"], seeds)) if args.probe_every else None
-    result = train_loop(run, seeds.tolist(), train.num_chunks, train.steps_per_chunk, run_chunk, probe_fn, **labels)
-    last, best = result["last"], result["best"]
-    summary = {"final_eval_return": stats(last["episodic_return"]), "best_eval_return": stats(best["episodic_return"])}
-    summary |= {"sps": result["sps"]} | ({"final_win_rate": stats(last["win_rate"])} if args.env != "mpe" else {})
-    finals = [f"{k.replace('_', ' ')} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items() if "final" in k]
-    print(f"{name}: {', '.join(finals)}")
-    return summary, result
+    fig.savefig(os.path.join(run_dir, "probe.png"), dpi=100)
 
 
 def plot_success(success: dict, path: str, args: Args):
@@ -917,8 +787,8 @@ def plot_success(success: dict, path: str, args: Args):
     ax = fig.subplots()
     ns = sorted(int(n) for n in next(iter(success.values())))
     ax.plot(ns, [TOY["p_goal"] ** n for n in ns], "k--", lw=1, label="optimal policy (p^N)")
-    for label, color in zip(success, ("tab:blue", "tab:orange"), strict=False):
-        mean, std = ([success[label][str(n)][k] for n in ns] for k in ("mean", "std"))
+    for label, color in zip(success, ("tab:blue", "tab:orange"), strict=False):  # None: every seed diverged
+        mean, std = ([(success[label][str(n)] or {}).get(k, np.nan) for n in ns] for k in ("mean", "std"))
         ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, color=color, label=label)
     ax.set(xlabel="number of agents N", xticks=ns, ylim=(-0.05, 1.05))
     ax.set_ylabel(f"success rate (mean, std of {args.num_seeds} seeds)")
@@ -927,12 +797,40 @@ def plot_success(success: dict, path: str, args: Args):
     fig.savefig(path, dpi=100)
 
 
+def class_statistics(args: Args, name: str, returns: list, wins: list, ok: np.ndarray, sps: float) -> dict | None:
+    """One class's (and N's) summary statistics over its healthy seeds (ok), printed; None if every seed diverged."""
+    if not ok.any():
+        print(f"{name}: every seed diverged")
+        return None
+    best = max(returns, key=lambda r: r[ok].mean())  # Table 1: the chunk with the best mean eval return
+    result = {"final_eval_return": stats(returns[-1][ok]), "best_eval_return": stats(best[ok]), "sps": round(sps, 1)}
+    result |= {"final_win_rate": stats(wins[-1][ok])} if args.env != "mpe" else {}
+    finals = [f"{k.replace('_', ' ')} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in result.items() if "final" in k]
+    print(f"{name}: {', '.join(finals)}")
+    return result
+
+
+def summarise(args: Args, env_id: str, results: dict, classes: list, agent_counts: tuple, total: int):
+    """-> (summary: the last class's statistics at the top level (the Gaussian with --compare) and `comparison`, on
+    the toy success rate and final return per class and N instead; the learning curve's panels; its title)."""
+    summary = {"env_id": env_id, "policy": classes[-1], "total_timesteps": total, "num_seeds": args.num_seeds}
+    summary |= {"num_devices": jax.local_device_count()} | (results[classes[-1], agent_counts[-1]] or {})
+    if args.env == "toy":  # per class and N: success rate and return at the last evaluation, per seed
+        per_n = lambda k: {c: {str(n): results[c, n] and results[c, n][k] for n in agent_counts} for c in classes}  # noqa: E731
+        summary |= {"toy_agents": list(agent_counts), "success_rate": per_n("final_win_rate")}
+        summary["final_eval_return"] = per_n("final_eval_return")
+        summary.pop("final_win_rate", None), summary.pop("best_eval_return", None)
+    elif args.compare:  # one row per class, the same seeds and budget
+        summary["comparison"] = {label: results[label, None] for label in classes}
+    where = {"num_agents": agent_counts[-1]} if args.env == "toy" else {}  # the toy's learning curves: the largest N
+    panels = {"eval return per agent": {c: ("episodic_return", {"policy": c} | where) for c in classes}}
+    if wins := {"smax": "eval win rate", "toy": "eval success rate"}.get(args.env):
+        panels[wins] = {c: ("win_rate", {"policy": c} | where) for c in classes}
+    return summary, panels, f"DDPL policy classes on {env_id}" + (f", N = {agent_counts[-1]}" if where else "")
+
+
 def validate(args: Args) -> str | None:
-    """A one-line description of the first invalid flag tyro cannot check, or None. Runs before anything is written."""
-    if args.env == "mpe" and not is_continuous_mpe(args.env_id):
-        return f"--env-id: unknown {args.env_id!r}; valid ids: {', '.join(valid_env_ids())}"
-    if args.env == "smax" and args.map not in MAP_NAME_TO_SCENARIO:
-        return f"--map: unknown SMAX map {args.map!r}; valid maps: {', '.join(sorted(MAP_NAME_TO_SCENARIO))}"
+    """The first invalid flag that tyro cannot check, as a one-line message (None: all valid)."""
     if args.env == "toy" and (not args.toy_agents or min(args.toy_agents) < 1):
         return f"--toy-agents must be numbers of agents >= 1, got {args.toy_agents}"
     if not 0 <= args.issm_batch_size <= args.batch_size:
@@ -959,62 +857,79 @@ def validate(args: Args) -> str | None:
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track needs the wandb package (pip install wandb), which is not installed"
     if args.num_seeds % (n := jax.local_device_count()):  # the seed axis is split evenly over the local devices
-        return (f"--num-seeds {args.num_seeds} is not a multiple of the {n} local {jax.default_backend()} devices "
-                f"the seeds are split over; use a multiple of {n}")  # fmt: skip
+        return f"--num-seeds {args.num_seeds} is not a multiple of the {n} local {jax.default_backend()} devices"
     return None
 
 
 def parse_cli() -> Args:
-    """parse_args, with TOY_DEFAULTS as the defaults when the command line says --env toy (explicit flags still win)."""
+    """tyro.cli(Args), with TOY_DEFAULTS as the defaults when the command line says --env toy (explicit flags win)."""
     argv = sys.argv[1:]
     toy = "--env=toy" in argv or any(a == "--env" and b == "toy" for a, b in zip(argv, argv[1:], strict=False))
-    return parse_args(default=TOY_DEFAULTS if toy else Args())
+    return tyro.cli(Args, default=TOY_DEFAULTS if toy else Args())
 
 
 def main(args: Args) -> int:
-    if error := validate(args):
+    if error := validate(args):  # nothing is written before the flags are known to be valid
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # TRY NOT TO MODIFY: for each N (the toy's) and policy class: build and compile; each chunk: train, evaluate, log,
+    # probe, progress; the class's statistics. Then the probes, summary and figures
     env_id, toy = {"smax": f"SMAX_{args.map}", "toy": "toy"}.get(args.env, args.env_id), args.env == "toy"
     gaussian = f"gaussian-{args.projection}"
-    labels = ["diffusion", gaussian] if args.compare else ["diffusion" if args.policy == "diffusion" else gaussian]
-    agent_counts = args.toy_agents if toy else (None,)  # the toy trains every N in turn
-    metrics = [m for m in METRICS if args.env != "mpe" or "win" not in m]  # MPE has no wins
-    run = RunFolder(args, env_id, ("policy", *(["num_agents"] if toy else []), *metrics))
-    seeds = jax.device_put(jnp.arange(args.num_seeds, dtype=jnp.int32) + args.seed, seed_placement()[0])
-    print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seeds.addressable_shards})
-    results, probes = {}, {}  # results[label, N]: the class's statistics; N is None except on the toy
-    try:
-        for n in agent_counts:
-            env = make_env(args, n)
-            for label in labels:
-                n_label = {"num_agents": n} if toy else {}
-                results[label, n], result = train_class(args, run, env, seeds, policy=label, **n_label)
-                if result["probes"]:
-                    probes[label if n is None else f"{label}, N = {n}"] = result["probes"]
-    except (Stop, KeyboardInterrupt) as e:
-        return run.stop(e)
-    if probes:  # (probe, seed, agent, sample, action dim); SMAX: P(move), angle; MPE: left and right force
-        plot_probes(probes, {"smax": (1, 3), "mpe": (1, 2), "toy": (0, 0)}[args.env], run.path("probe.png"), env_id)
-        arrays = {f"{label}__{k}": np.asarray(v) for label, probe in probes.items() for k, v in probe.items()}
-        np.savez(run.path("probes.npz"), **arrays)
-    summary = {"env_id": env_id, "policy": labels[-1], "total_timesteps": result["global_step"]}
-    summary |= {"num_seeds": args.num_seeds, "num_devices": jax.local_device_count()}
-    summary |= results[labels[-1], agent_counts[-1]]  # the Gaussian with --compare, else the one class trained
-    if toy:  # per class and N: success rate and return at the last evaluation, per seed
-        per_n = lambda k: {label: {str(n): results[label, n][k] for n in agent_counts} for label in labels}  # noqa: E731
-        plot_success(per_n("final_win_rate"), run.path("success_vs_agents.png"), args)
-        summary |= {"toy_agents": list(agent_counts), "success_rate": per_n("final_win_rate")}
-        summary["final_eval_return"] = per_n("final_eval_return")
-        del summary["final_win_rate"], summary["best_eval_return"]
-    elif args.compare:  # one row per class, the same seeds and budget
-        summary["comparison"] = {label: results[label, None] for label in labels}
-    where = {"num_agents": agent_counts[-1]} if toy else {}  # the toy's learning curves: the largest N
-    panels = {"eval return per agent": {label: ("episodic_return", {"policy": label} | where) for label in labels}}
-    if wins := {"smax": "eval win rate", "toy": "eval success rate"}.get(args.env):
-        panels[wins] = {label: ("win_rate", {"policy": label} | where) for label in labels}
-    title = f"DDPL policy classes on {env_id}" + (f", N = {agent_counts[-1]}" if toy else "")
-    return run.finish(summary, panels, title)
+    classes = ["diffusion", gaussian] if args.compare else ["diffusion" if args.policy == "diffusion" else gaussian]
+    agent_counts = args.toy_agents if toy else (None,)  # the toy trains every N in turn; the others their env's
+    columns = tuple(m for m in METRICS if args.env != "mpe" or "win" not in m)  # MPE has no wins
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    lanes = NamedSharding(Mesh(np.array(jax.local_devices()), ("seed",)), PartitionSpec("seed"))  # seeds over devices
+    seed_ids = jax.device_put(jnp.array(seeds, jnp.int32), lanes)
+    print("seeds per device:", {str(s.device): np.asarray(s.data).tolist() for s in seed_ids.addressable_shards})
+    run = RunFolder(args, env_id, columns, labels=("policy", "num_agents") if toy else ("policy",))
+    results, probes = {}, {}  # results[class, N]: class_statistics; N is None except on the toy
+    for n in agent_counts:
+        env = ToyArrays(n) if toy else MPEGlue(args) if args.env == "mpe" else SMAXArrays(args.map)  # N: the toy's
+        for policy in classes:
+            labels = {"policy": policy} | ({"num_agents": n} if toy else {})  # divergence is per (class, N, seed)
+            name = policy if n is None else f"{policy}, N = {n}"
+            start, train = time.time(), make_train(args, env, "diffusion" if policy == "diffusion" else "gaussian")
+            rs = jax.jit(jax.vmap(train.init), out_shardings=lanes)(seed_ids)
+            train_chunk = jax.jit(jax.vmap(train.chunk, (0, None)), out_shardings=lanes, donate_argnums=0)
+            train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()
+            evaluate = jax.jit(jax.vmap(train.evaluate, (0, 0, None)))
+            critic_value = jax.jit(jax.vmap(train.critic_value))
+            probe = jax.jit(jax.vmap(train.probe))  # PROBE_SAMPLES actions per seed and agent at the probe state
+            total = train.num_chunks * train.steps_per_chunk
+            print(f"{name}: compiled in {time.time() - start:.0f} s; {train.num_chunks} chunks, {total} steps per seed")
+            probe_steps = [0] if args.probe_every else []  # before the first update, then every --probe-every steps
+            actions = [np.asarray(probe(rs["learner"]["actor"], seed_ids))] if args.probe_every else []
+            start, returns, wins = time.time(), [], []
+            bar = tqdm(total=total, unit="step", desc=f"{name}, {args.num_seeds} seed(s)")
+            for chunk in range(train.num_chunks):
+                rs, metrics = train_chunk(rs, jnp.int32(chunk))  # --eval-every env steps per seed in one lax.scan
+                global_step = (chunk + 1) * train.steps_per_chunk
+                ret, win, disc, state, action = evaluate(rs["learner"]["actor"], seed_ids, jnp.int32(global_step))
+                q_first = critic_value(rs["learner"]["critic"], state, action)  # the critic check against disc_return
+                metrics |= {"episodic_return": ret, "win_rate": win, "q_first": q_first, "disc_return": disc}
+                metrics, sps = {k: v for k, v in metrics.items() if k in columns}, global_step / (time.time() - start)
+                ok = run.log(global_step, seeds, metrics, rs["learner"], sps, **labels)
+                returns.append(np.asarray(ret))
+                wins.append(np.asarray(win))
+                if args.probe_every and global_step % args.probe_every == 0:
+                    probe_steps.append(global_step)
+                    actions.append(np.asarray(probe(rs["learner"]["actor"], seed_ids)))
+                bar.update(train.steps_per_chunk)
+                if not ok.any():
+                    break  # every seed of this class (and N) diverged; the next one trains
+                bar.set_postfix(eval=f"{returns[-1][ok].mean():.2f}")
+            bar.close()
+            if probe_steps:  # (probe, seed, agent, sample, action dim)
+                probes[name] = {"steps": probe_steps, "actions": np.stack(actions)}
+            results[policy, n] = class_statistics(args, name, returns, wins, ok, sps)
+    if probes:  # SMAX: P(move), angle; MPE: left and right force
+        save_probes(probes, {"smax": (1, 3), "mpe": (1, 2), "toy": (0, 0)}[args.env], run.dir, env_id)
+    summary, panels, title = summarise(args, env_id, results, classes, agent_counts, total)
+    if toy:
+        plot_success(summary["success_rate"], os.path.join(run.dir, "success_vs_agents.png"), args)
+    return run.finish(summary if any(results.values()) else None, panels, title)
 
 
 if __name__ == "__main__":

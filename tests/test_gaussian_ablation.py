@@ -1,5 +1,5 @@
-"""ddpl_gaussian_ablation.py: both projections and --compare on tiny budgets, bad input, and the Gaussian
-reverse-KL step's mode seeking (the paper's failure mode in miniature) against the forward fit's mass covering."""
+"""ddpl_gaussian_ablation.py: both projections and --compare on tiny budgets, divergence per (class, N, seed), bad
+input, and the Gaussian reverse-KL step's mode seeking (the paper's failure mode in miniature)."""
 
 import csv
 import importlib
@@ -8,7 +8,9 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from dataclasses import replace
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -54,13 +56,14 @@ def runs(tmp_path_factory):
     return {name: next((tmp / d).iterdir()) for name, d in (("compare", "a"), ("forward", "b"), ("toy", "c"))}
 
 
+@pytest.mark.slow
 def test_compare_trains_both_classes_on_the_same_seeds(runs):
     run_dir = runs["compare"]
     for name in ("config.json", "metrics.csv", "summary.json", "learning_curve.png", "probe.png", "probes.npz"):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["policy"] == "gaussian-reverse" and summary["env_id"] == "MPE_simple_reference_v3"
-    assert set(summary["comparison"]) == {"diffusion", "gaussian-reverse"}
+    assert set(summary["comparison"]) == {"diffusion", "gaussian-reverse"} and summary["diverged_seeds"] == []
     assert summary["final_eval_return"] == summary["comparison"]["gaussian-reverse"]["final_eval_return"]
     rows = read_rows(run_dir)
     assert "win_rate" not in rows[0]  # MPE has no wins
@@ -82,6 +85,7 @@ def test_compare_trains_both_classes_on_the_same_seeds(runs):
     assert not np.array_equal(probes["diffusion__actions"][0], probes["diffusion__actions"][-1])
 
 
+@pytest.mark.slow
 def test_forward_projection_on_smax(runs):
     run_dir = runs["forward"]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -94,41 +98,121 @@ def test_forward_projection_on_smax(runs):
         assert 0.25 <= float(r["max_weight"]) <= 1.0
 
 
+@pytest.mark.slow
+def test_a_diverged_seed_is_left_out_of_its_class_and_n_only(tmp_path, monkeypatch, capsys):
+    """Divergence is tracked per (class, N, seed): with the toy's N = 2, every diffusion seed and Gaussian seed 1 start
+    from NaN critics. The diffusion loop stops after its first chunk, the Gaussian trains on, seed 0 alone makes its
+    statistics, summary.json lists the three, and the exit code is 1."""
+    make_train = abl.make_train
+
+    def poisoned(args, env, policy):
+        train = make_train(args, env, policy)
+        init = train.init
+
+        def nan_critics(seed):
+            rs, bad = init(seed), seed >= 0 if policy == "diffusion" else seed == 1
+            rs["learner"]["critic"] = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), rs["learner"]["critic"])
+            return rs
+
+        return SimpleNamespace(**vars(train) | {"init": nan_critics})
+
+    monkeypatch.setattr(abl, "make_train", poisoned)
+    tiny = {"total_timesteps": 160, "eval_every": 80, "learning_starts": 40, "num_seeds": 2, "hidden_size": 16}
+    args = replace(abl.TOY_DEFAULTS, **tiny, num_diffusion_steps=3, compare=True, toy_agents=(2,))
+    assert abl.main(replace(args, runs_dir=str(tmp_path))) == 1
+    diverged = [line for line in capsys.readouterr().err.splitlines() if "diverged" in line]
+    assert [line.split(" diverged")[0] for line in diverged] == [
+        "diffusion/2/seed 0", "diffusion/2/seed 1", "gaussian-reverse/2/seed 1"
+    ]  # fmt: skip
+    assert all("at env step 80: " in line and "parameters non-finite" in line for line in diverged), diverged
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(d["labels"], d["seed"], d["global_step"]) for d in summary["diverged_seeds"]] == [
+        ("diffusion/2/", 0, 80), ("diffusion/2/", 1, 80), ("gaussian-reverse/2/", 1, 80)
+    ]  # fmt: skip
+    assert summary["success_rate"]["diffusion"]["2"] is None and summary["final_eval_return"]["diffusion"]["2"] is None
+    rows = read_rows(run_dir)
+    assert [(r["policy"], r["global_step"]) for r in rows if r["policy"] == "diffusion"] == [("diffusion", "80")] * 2
+    final = [r for r in rows if r["policy"] == "gaussian-reverse" and r["global_step"] == "160"]
+    assert [r["seed"] for r in final] == ["0", "1"] and np.isnan(float(final[1]["critic_loss"]))
+    assert summary["success_rate"]["gaussian-reverse"]["2"]["per_seed"] == [float(final[0]["win_rate"])]
+    assert summary["final_eval_return"]["gaussian-reverse"]["2"]["per_seed"] == [float(final[0]["episodic_return"])]
+    assert (run_dir / "success_vs_agents.png").is_file() and (run_dir / "learning_curve.png").is_file()
+
+
+def test_probe_figure_takes_classes_with_fewer_probes(tmp_path):
+    """A class whose seeds all diverged stops probing early: probe.png and probes.npz still hold every class."""
+    probes = {
+        "diffusion": {"steps": [0], "actions": np.zeros((1, 2, 2, 8, 3))},
+        "gaussian-reverse": {"steps": [0, 80, 160], "actions": np.zeros((3, 2, 2, 8, 3))},
+    }
+    abl.save_probes(probes, (1, 2), str(tmp_path), "toy")
+    saved = np.load(tmp_path / "probes.npz")
+    assert list(saved["gaussian-reverse__steps"]) == [0, 80, 160] and saved["diffusion__actions"].shape[0] == 1
+    assert (tmp_path / "probe.png").is_file()
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
         (["--env", "mujoco"], "'mujoco' for argument '--env'. Expected one of ('mpe', 'smax', 'toy')"),
-        (["--env", "toy", "--toy-agents", "0"], "--toy-agents must be numbers of agents >= 1"),
         (["--projection", "sideways"], "Expected one of ('reverse', 'forward')"),
         (["--policy", "beta"], "Expected one of ('gaussian', 'diffusion')"),
-        (["--env", "smax", "--map", "1z_vs_1z"], "valid maps: 10m_vs_11m"),
-        (["--env-id", "MPE_nonsense"], "valid ids: MPE_simple_v3"),
-        (["--probe-every", "30000"], "--probe-every must be 0 or a multiple of the chunk (20000"),
+        (["--env", "smax", "--map", "1z_vs_1z"], "'1z_vs_1z' for argument '--map'. Expected one of ('10m_vs_11m'"),
+        (["--env-id", "MPE_nonsense"], "Expected one of ('MPE_simple_reference_v3', 'MPE_simple_v3'"),
+        (["--env", "toy", "--toy-agents", "two"], "--toy-agents"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(tmp_path, flags, expected):
-    cmd = [sys.executable, os.path.join(ROOT, "ddpl_gaussian_ablation.py"), *flags, "--runs-dir", str(tmp_path / "r")]
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and expected in lines[0], res.stderr
-    assert not (tmp_path / "r").exists()
+def test_tyro_rejects_bad_choices_with_exit_code_2(monkeypatch, capsys, flags, expected):
+    monkeypatch.setattr(sys, "argv", ["ddpl_gaussian_ablation.py", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        abl.parse_cli()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in " ".join(ln.strip("│ ") for ln in err.splitlines()), err
 
 
 @pytest.mark.parametrize(
-    "script, name",
+    "flags, expected",
     [
-        ("ddpl_mpe", "is_continuous_mpe"),
-        ("ddpl_mpe", "valid_env_ids"),
-        ("ddpl_mpe", "MPEArrays"),
-        ("ddpl_smax", "SMAXArrays"),
-        ("ddpl_smax", "alive_issm_weights"),
+        ({"env": "toy", "toy_agents": (0,)}, "--toy-agents must be numbers of agents >= 1"),
+        ({"env": "toy", "toy_agents": ()}, "--toy-agents must be numbers of agents >= 1"),
+        ({"probe_every": 30_000}, "--probe-every must be 0 or a multiple of the chunk (20000"),
+        ({"num_action_samples": 1}, "--num-action-samples must be >= 2"),
+        ({"eval_every": 10, "num_envs": 20}, "need --num-envs <= --eval-every <= --total-timesteps"),
     ],
+)
+def test_invalid_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, expected):
+    assert abl.main(abl.Args(runs_dir=str(tmp_path / "runs"), **flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_through_the_cli_exits_2_without_a_traceback(tmp_path):
+    """The command line itself: tyro's error (a box on stderr) and a validate error (one line), each exit 2."""
+    for flags, expected in ((["--env", "mujoco"], "Expected one of"), (["--probe-every", "7"], "error: --probe-every")):
+        cmd = [sys.executable, os.path.join(ROOT, "ddpl_gaussian_ablation.py"), *flags, "--runs-dir", str(tmp_path)]
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "script, name", [("ddpl_mpe", "MPEArrays"), ("ddpl_smax", "SMAXArrays"), ("ddpl_smax", "alive_issm_weights")]
 )
 def test_env_glue_is_the_ddpl_scripts_text(script, name):
     """The MPE and SMAX glue are the DDPL scripts' own text (MPEGlue adapts MPE's), so the copies cannot drift."""
     source = inspect.getsource(getattr(importlib.import_module(script), name))
     assert inspect.getsource(getattr(abl, name)) == source, f"{name} differs from {script}.py's"
+
+
+@pytest.mark.parametrize("script, field", [("ddpl_mpe", "env_id"), ("ddpl_smax", "map")])
+def test_env_choices_are_the_ddpl_scripts(script, field):
+    """--env-id's and --map's choices (Literal types, checked by tyro) and defaults are the DDPL scripts' own."""
+    theirs = importlib.import_module(script).Args
+    assert typing.get_type_hints(abl.Args)[field] == typing.get_type_hints(theirs)[field]
+    assert getattr(abl.Args(), field) == getattr(theirs(), field)
 
 
 MODES, MODE_WIDTH = (-0.5, 0.5), 0.15
@@ -139,6 +223,7 @@ def bimodal_q(a):
     return jax.nn.logsumexp(jnp.stack([-0.5 * ((a - m) / MODE_WIDTH) ** 2 for m in MODES]), axis=0)
 
 
+@pytest.mark.slow
 def test_reverse_kl_gaussian_collapses_onto_one_mode_of_a_bimodal_target():
     """Thm 3.1 in miniature, with the script's own (tanh-squashed) Gaussian class and reverse-KL loss: repeated
     DecSPG steps toward pi^t exp(Q) with a fixed bimodal Q, from tanh of N(0.1, 0.5^2). The exact energy-based iterate
@@ -181,12 +266,14 @@ def test_reverse_kl_gaussian_collapses_onto_one_mode_of_a_bimodal_target():
         assert float(p[jnp.abs(grid - m) < 0.2].sum()) > 0.3, m
 
 
+@pytest.mark.slow
 def test_toy_compare_reports_success_per_class_and_number_of_agents(runs):
     run_dir = runs["toy"]
     for name in ("config.json", "metrics.csv", "summary.json", "learning_curve.png", "success_vs_agents.png"):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["env_id"] == "toy" and summary["toy_agents"] == [1, 2] and summary["num_seeds"] == 2
+    assert summary["diverged_seeds"] == []
     rows = read_rows(run_dir)
     for label in ("diffusion", "gaussian-reverse"):
         for n in ("1", "2"):
