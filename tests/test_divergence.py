@@ -44,6 +44,7 @@ def test_run_folder_reports_a_diverged_seed_once_and_keeps_the_others(tmp_path, 
     assert len((Path(run.dir) / "metrics.csv").read_text().splitlines()) == 1 + 9  # every seed's rows kept
 
 
+@pytest.mark.slow
 def test_one_seed_of_four_diverges_and_three_finish(tmp_path, monkeypatch, capsys):
     """Seed 5's critic is poisoned after its first chunk (an injected fault): seeds 3, 4 and 6 train on, the summary
     holds their statistics, diverged_seeds names seed 5, and main returns 1."""
