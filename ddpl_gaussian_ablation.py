@@ -38,6 +38,9 @@ SMAX_MAPS = tuple(sorted(MAP_NAME_TO_SCENARIO))  # --map's choices: the maps map
 TOY = {"bump_reward": 1.0, "bump_width": 0.1, "a_star": 0.8, "delta": 0.1, "p_goal": 0.5}
 TOY |= {"goal_reward": 1.0, "goal_action": -0.5, "goal_width": 0.1}
 TOY_HORIZON = 10  # steps per toy episode (ours): s0 is left at the first step; gamma^10 = 0.35 of the rest bootstraps
+# a toy seed is SOLVED if its final eval (team) return per agent is at least this: the bump alone earns at most 1 per
+# agent, more needs goal visits, and a solved policy earns about p (H - 1) = 4.5 per agent (docs: "Solved, not success")
+TOY_SOLVED_RETURN = 2.0
 
 
 @dataclass
@@ -779,8 +782,9 @@ def save_probes(probes: dict, dims: tuple[int, int], run_dir: str, title: str):
     fig.savefig(os.path.join(run_dir, "probe.png"), dpi=100)
 
 
-def plot_success(success: dict, path: str, args: Args):
-    """--env toy: success rate (every agent at goal at the end of an evaluation episode) against N, per class."""
+def plot_success(success: dict, solved: dict, path: str, args: Args):
+    """--env toy: success rate (every agent at goal at the end of an evaluation episode) against N, per class; the
+    legend counts the seeds that solved the game at each N (final return per agent >= TOY_SOLVED_RETURN)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.6), layout="tight")
@@ -789,7 +793,8 @@ def plot_success(success: dict, path: str, args: Args):
     ax.plot(ns, [TOY["p_goal"] ** n for n in ns], "k--", lw=1, label="optimal policy (p^N)")
     for label, color in zip(success, ("tab:blue", "tab:orange"), strict=False):  # None: every seed diverged
         mean, std = ([(success[label][str(n)] or {}).get(k, np.nan) for n in ns] for k in ("mean", "std"))
-        ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, color=color, label=label)
+        counts = ", ".join(str(solved[label][str(n)]) for n in ns)  # None: every seed diverged
+        ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, color=color, label=f"{label}, seeds solved per N: {counts}")
     ax.set(xlabel="number of agents N", xticks=ns, ylim=(-0.05, 1.05))
     ax.set_ylabel(f"success rate (mean, std of {args.num_seeds} seeds)")
     ax.set_title(f"Toy game, Algorithm 2, {args.total_timesteps:,} env steps per seed", fontsize=9)
@@ -797,7 +802,9 @@ def plot_success(success: dict, path: str, args: Args):
     fig.savefig(path, dpi=100)
 
 
-def class_statistics(args: Args, name: str, returns: list, wins: list, ok: np.ndarray, sps: float) -> dict | None:
+def class_statistics(
+    args: Args, name: str, returns: list, wins: list, ok: np.ndarray, sps: float, n=None
+) -> dict | None:
     """One class's (and N's) summary statistics over its healthy seeds (ok), printed; None if every seed diverged."""
     if not ok.any():
         print(f"{name}: every seed diverged")
@@ -805,8 +812,12 @@ def class_statistics(args: Args, name: str, returns: list, wins: list, ok: np.nd
     best = max(returns, key=lambda r: r[ok].mean())  # Table 1: the chunk with the best mean eval return
     result = {"final_eval_return": stats(returns[-1][ok]), "best_eval_return": stats(best[ok]), "sps": round(sps, 1)}
     result |= {"final_win_rate": stats(wins[-1][ok])} if args.env != "mpe" else {}
+    if args.env == "toy":  # count solves by return (a policy can sit on a* with a goal policy worth nothing)
+        solved = returns[-1][ok] / n >= TOY_SOLVED_RETURN  # the return is the team's: the sum over the N copies
+        result |= {"solved": int(solved.sum()), "success_seeds": int((wins[-1][ok] > 0).sum())}
     finals = [f"{k.replace('_', ' ')} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in result.items() if "final" in k]
-    print(f"{name}: {', '.join(finals)}")
+    solved = f", solved {result['solved']} of {ok.sum()} seeds" if "solved" in result else ""
+    print(f"{name}: {', '.join(finals)}{solved}")
     return result
 
 
@@ -818,6 +829,7 @@ def summarise(args: Args, env_id: str, results: dict, classes: list, agent_count
     if args.env == "toy":  # per class and N: success rate and return at the last evaluation, per seed
         per_n = lambda k: {c: {str(n): results[c, n] and results[c, n][k] for n in agent_counts} for c in classes}  # noqa: E731
         summary |= {"toy_agents": list(agent_counts), "success_rate": per_n("final_win_rate")}
+        summary |= {"solved": per_n("solved"), "success_seeds": per_n("success_seeds")}  # counts of seeds
         summary["final_eval_return"] = per_n("final_eval_return")
         summary.pop("final_win_rate", None), summary.pop("best_eval_return", None)
     elif args.compare:  # one row per class, the same seeds and budget
@@ -923,12 +935,12 @@ def main(args: Args) -> int:
             bar.close()
             if probe_steps:  # (probe, seed, agent, sample, action dim)
                 probes[name] = {"steps": probe_steps, "actions": np.stack(actions)}
-            results[policy, n] = class_statistics(args, name, returns, wins, ok, sps)
+            results[policy, n] = class_statistics(args, name, returns, wins, ok, sps, n)
     if probes:  # SMAX: P(move), angle; MPE: left and right force
         save_probes(probes, {"smax": (1, 3), "mpe": (1, 2), "toy": (0, 0)}[args.env], run.dir, env_id)
     summary, panels, title = summarise(args, env_id, results, classes, agent_counts, total)
     if toy:
-        plot_success(summary["success_rate"], os.path.join(run.dir, "success_vs_agents.png"), args)
+        plot_success(summary["success_rate"], summary["solved"], os.path.join(run.dir, "success_vs_agents.png"), args)
     return run.finish(summary if any(results.values()) else None, panels, title)
 
 

@@ -284,6 +284,10 @@ def test_toy_compare_reports_success_per_class_and_number_of_agents(runs):
             # team reward = sum over the copies, each at most 1 per step: a 10-step return is at most 10 N
             assert all(0.0 <= float(r["episodic_return"]) <= 10.0 * int(n) for r in final)
             assert all(0.0 <= float(r["disc_return"]) <= float(r["episodic_return"]) + 1e-6 for r in final)
+            # solved: the final team return per agent reaches 2 (the bump alone earns at most 1 per agent)
+            solved = sum(float(r["episodic_return"]) / int(n) >= abl.TOY_SOLVED_RETURN for r in final)
+            assert summary["solved"][label][n] == solved
+            assert summary["success_seeds"][label][n] == sum(float(r["win_rate"]) > 0 for r in final)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["gamma"] == abl.TOY_DEFAULTS.gamma and config["total_timesteps"] == 160  # toy default, flag
 
