@@ -793,8 +793,8 @@ def plot_success(success: dict, solved: dict, path: str, args: Args):
     ax.plot(ns, [TOY["p_goal"] ** n for n in ns], "k--", lw=1, label="optimal policy (p^N)")
     for label, color in zip(success, ("tab:blue", "tab:orange"), strict=False):  # None: every seed diverged
         mean, std = ([(success[label][str(n)] or {}).get(k, np.nan) for n in ns] for k in ("mean", "std"))
-        counts = ", ".join(str(solved[label][str(n)]) for n in ns)  # None: every seed diverged
-        ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, color=color, label=f"{label}, seeds solved per N: {counts}")
+        counts = "seeds solved per N: " + ", ".join(str(solved[label][str(n)]) for n in ns)  # None: all diverged
+        ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, color=color, label=f"{label}, {counts}")
     ax.set(xlabel="number of agents N", xticks=ns, ylim=(-0.05, 1.05))
     ax.set_ylabel(f"success rate (mean, std of {args.num_seeds} seeds)")
     ax.set_title(f"Toy game, Algorithm 2, {args.total_timesteps:,} env steps per seed", fontsize=9)
