@@ -82,6 +82,7 @@ class Args:
     issm_batch_size: int = 0  # B_p: states in the policy step, both classes (ours); 0: batch_size // M
     weight_rule: Literal["state", "batch", "raw"] = "state"  # Qbar's ISSM softmax scale (ours): state std, running, raw
     target_ess: float = 0.0  # 0: fixed eta; in (0, 1): eta adapts to hold the weights' mean ESS / M at this target
+    proposal_mix: float = 0.0  # m: share of ISSM proposals uniform on the box (ours); target ((1-m) pi^t + m U) e^eta Q
     reward_scale: float = 1.0  # multiplies rewards in the TD target (ours)
     team_reward: bool = True  # MPE: critics learn the mean reward over agents; SMAX has one team reward
     eval_every: int = 20_000  # environment steps between evaluations (one jitted chunk of training each)
@@ -310,6 +311,7 @@ def make_policy(args: Args, policy: str, A: int):
         def actor_loss(params, old_params, obs, alive, q_fn, temp, key):
             k_prop, k_dsm = jax.random.split(key)
             proposals = sample(old_params, jnp.broadcast_to(obs[:, None], (obs.shape[0], M, obs.shape[-1])), k_prop)
+            proposals = mix_proposals(proposals, jax.random.fold_in(k_prop, 1), args.proposal_mix)
             weights, temp, ess, eta = issm_temperature(temp, q_fn(proposals), *temperature, alive)
             loss = dsm_loss(net.apply, params, obs, proposals, k_dsm, sched, alive_issm_weights(weights, alive))
             stats = [living_mean(weights.max(-1), alive), ess, eta, proposals.std(axis=1).mean()]
@@ -345,11 +347,18 @@ def make_policy(args: Args, policy: str, A: int):
             q = q_fn(x)
             weights, temp, ess, eta = issm_temperature(temp, jax.lax.stop_gradient(q), *temperature, alive)
             log_ratio = squashed_log_prob(u, mean[:, None], log_std[:, None])
-            log_ratio -= squashed_log_prob(u, old_mean[:, None], old_log_std[:, None])
+            log_old = squashed_log_prob(u, old_mean[:, None], old_log_std[:, None])
+            if args.proposal_mix > 0:  # log of the mixture (1 - m) pi^t + m U, U's density 2^-A on the box
+                mix = args.proposal_mix
+                log_old = jnp.logaddexp(jnp.log1p(-mix) + log_old, jnp.log(mix) - A * jnp.log(2.0))
+            log_ratio -= log_old
             loss = jnp.mean(mask * (log_ratio - eta * scaled(q, temp)))
         else:  # forward KL (ours): weighted maximum likelihood of M actions from pi^t with the ISSM weights
             u = jax.lax.stop_gradient(old_mean[:, None] + jnp.exp(old_log_std)[:, None] * eps)  # a = tanh(u)
             x = jnp.tanh(u)
+            if args.proposal_mix > 0:  # the proposal (1 - m) pi^t + m U, as for diffusion
+                x = mix_proposals(x, jax.random.fold_in(key, 1), args.proposal_mix)
+                u = jnp.arctanh(jnp.clip(x, -1.0 + 1e-6, 1.0 - 1e-6))
             weights, temp, ess, eta = issm_temperature(temp, q_fn(x), *temperature, alive)
             log_lik = squashed_log_prob(u, mean[:, None], log_std[:, None])
             loss = -jnp.mean(jnp.sum(alive_issm_weights(weights, alive) * log_lik, axis=-1))
@@ -472,6 +481,17 @@ def issm_weights(q, eta, q_scale=None):
     else:
         q = q / q_scale
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
+
+
+def mix_proposals(proposals, key, mix):
+    """Each proposal (..., d) replaced, with probability mix, by a uniform draw on the box [-1, 1]^d: the proposal is
+    q = (1 - mix) pi^t + mix U and, with the same weights exp(eta Qbar) / Z, the ISSM target q exp(eta Qbar) / Z keeps
+    a floor of mass on every action in proportion to exp(eta Qbar) (ours: docs/algorithm.md sec. 4). mix 0: as is."""
+    if mix <= 0:
+        return proposals
+    k_pick, k_box = jax.random.split(key)
+    pick = jax.random.uniform(k_pick, proposals.shape[:-1] + (1,)) < mix
+    return jnp.where(pick, jax.random.uniform(k_box, proposals.shape, minval=-1.0, maxval=1.0), proposals)
 
 
 def weight_ess(weights):
@@ -849,6 +869,8 @@ def validate(args: Args) -> str | None:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if not 0 <= args.target_ess < 1:
         return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
+    if not 0 <= args.proposal_mix < 1:
+        return f"--proposal-mix must be in [0, 1) (0: every proposal from pi^t), got {args.proposal_mix}"
     if args.num_action_samples < 2:
         return f"--num-action-samples must be >= 2 (per-state normalised weights), got {args.num_action_samples}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)

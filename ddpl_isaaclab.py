@@ -64,6 +64,7 @@ class Args:
     issm_batch_size: int = 0  # B_p: states whose M proposals train the ISSM step (ours); 0: batch_size // M
     weight_rule: Literal["state", "batch", "raw"] = "state"  # Qbar's ISSM softmax scale (ours): state std, running, raw
     target_ess: float = 0.0  # 0: fixed eta; in (0, 1): eta adapts to hold the weights' mean ESS / M at this target
+    proposal_mix: float = 0.0  # m: share of ISSM proposals uniform on the box (ours); target ((1-m) pi^t + m U) e^eta Q
     reward_scale: float = 1.0  # multiplies the team reward in the TD target (ours)
     eval_every: int = 512_000  # environment steps per seed between evaluations (one episode in every env)
 
@@ -276,6 +277,17 @@ def issm_weights(q, eta, q_scale=None):
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
+def mix_proposals(proposals, key, mix):
+    """Each proposal (..., d) replaced, with probability mix, by a uniform draw on the box [-1, 1]^d: the proposal is
+    q = (1 - mix) pi^t + mix U and, with the same weights exp(eta Qbar) / Z, the ISSM target q exp(eta Qbar) / Z keeps
+    a floor of mass on every action in proportion to exp(eta Qbar) (ours: docs/algorithm.md sec. 4). mix 0: as is."""
+    if mix <= 0:
+        return proposals
+    k_pick, k_box = jax.random.split(key)
+    pick = jax.random.uniform(k_pick, proposals.shape[:-1] + (1,)) < mix
+    return jnp.where(pick, jax.random.uniform(k_box, proposals.shape, minval=-1.0, maxval=1.0), proposals)
+
+
 def weight_ess(weights):
     """Effective sample size of each state's weights as a fraction of M: 1 / (M sum_j w_j^2), in [1/M, 1]."""
     return 1.0 / (weights.shape[-1] * jnp.sum(weights**2, axis=-1))
@@ -381,6 +393,7 @@ def make_train(args: Args, env: IsaacAdapter):
         proposals = sample_actions(
             score_net.apply, p["actor"], jnp.broadcast_to(obs[:, None], (Bp, M, D)), k_prop, sched, A
         )
+        proposals = mix_proposals(proposals, jax.random.fold_in(k_prop, 1), args.proposal_mix)
         q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(state[:, None], (Bp, M, S)), proposals))
         weights, temp, ess, eta = issm_temperature(p["temp"], q, args.weight_rule, args.eta, args.target_ess)
         a_loss, grads = jax.value_and_grad(dsm_loss, argnums=1)(
@@ -554,6 +567,8 @@ def validate(args: Args) -> str | None:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if not 0 <= args.target_ess < 1:
         return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
+    if not 0 <= args.proposal_mix < 1:
+        return f"--proposal-mix must be in [0, 1) (0: every proposal from pi^t), got {args.proposal_mix}"
     if args.num_action_samples < 2:
         return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)

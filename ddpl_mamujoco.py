@@ -83,6 +83,7 @@ class Args:
     issm_batch_size: int = 0  # B_p: states whose M proposals train the ISSM step (ours); 0: batch_size // M
     weight_rule: Literal["state", "batch", "raw"] = "state"  # Qbar's ISSM softmax scale (ours): state std, running, raw
     target_ess: float = 0.0  # 0: fixed eta; in (0, 1): eta adapts to hold the weights' mean ESS / M at this target
+    proposal_mix: float = 0.0  # m: share of ISSM proposals uniform on the box (ours); target ((1-m) pi^t + m U) e^eta Q
     reward_scale: float | None = None  # TD-target reward multiplier (ours); None: 0.01 on HumanoidStandup, else 1
     eval_every: int = 20_000  # environment steps between evaluations (one chunk of training each)
     num_eval_episodes: int = 10  # episodes per seed and evaluation, stochastic policy (ours: 10; the paper's 50)
@@ -317,6 +318,17 @@ def issm_weights(q, eta, q_scale=None):
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
+def mix_proposals(proposals, key, mix):
+    """Each proposal (..., d) replaced, with probability mix, by a uniform draw on the box [-1, 1]^d: the proposal is
+    q = (1 - mix) pi^t + mix U and, with the same weights exp(eta Qbar) / Z, the ISSM target q exp(eta Qbar) / Z keeps
+    a floor of mass on every action in proportion to exp(eta Qbar) (ours: docs/algorithm.md sec. 4). mix 0: as is."""
+    if mix <= 0:
+        return proposals
+    k_pick, k_box = jax.random.split(key)
+    pick = jax.random.uniform(k_pick, proposals.shape[:-1] + (1,)) < mix
+    return jnp.where(pick, jax.random.uniform(k_box, proposals.shape, minval=-1.0, maxval=1.0), proposals)
+
+
 def weight_ess(weights):
     """Effective sample size of each state's weights as a fraction of M: 1 / (M sum_j w_j^2), in [1/M, 1]."""
     return 1.0 / (weights.shape[-1] * jnp.sum(weights**2, axis=-1))
@@ -422,6 +434,7 @@ def make_train(args: Args, env: MaMuJoCo) -> SimpleNamespace:
         obs, state = mine["obs"][:Bp], shared["state"][:Bp]
         obs_m = jnp.broadcast_to(obs[:, None], (Bp, M, D))
         proposals = sample_actions(score_net.apply, p["actor"], obs_m, k_prop, sched, A)
+        proposals = mix_proposals(proposals, jax.random.fold_in(k_prop, 1), args.proposal_mix)
         q = jnp.minimum(*critic_net.apply(critic, jnp.broadcast_to(state[:, None], (Bp, M, S)), proposals))
         weights, temp, ess, eta = issm_temperature(p["temp"], q, args.weight_rule, args.eta, args.target_ess)
         a_loss, grads = jax.value_and_grad(dsm_loss, argnums=1)(
@@ -608,6 +621,8 @@ def validate(args: Args) -> str | None:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
     if not 0 <= args.target_ess < 1:
         return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
+    if not 0 <= args.proposal_mix < 1:
+        return f"--proposal-mix must be in [0, 1) (0: every proposal from pi^t), got {args.proposal_mix}"
     if not args.num_envs <= args.eval_every <= args.total_timesteps:
         got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
         return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"

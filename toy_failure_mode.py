@@ -173,6 +173,17 @@ def issm_weights(q, eta, q_scale=None):
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
+def mix_proposals(proposals, key, mix):
+    """Each proposal (..., d) replaced, with probability mix, by a uniform draw on the box [-1, 1]^d: the proposal is
+    q = (1 - mix) pi^t + mix U and, with the same weights exp(eta Qbar) / Z, the ISSM target q exp(eta Qbar) / Z keeps
+    a floor of mass on every action in proportion to exp(eta Qbar) (ours: docs/algorithm.md sec. 4). mix 0: as is."""
+    if mix <= 0:
+        return proposals
+    k_pick, k_box = jax.random.split(key)
+    pick = jax.random.uniform(k_pick, proposals.shape[:-1] + (1,)) < mix
+    return jnp.where(pick, jax.random.uniform(k_box, proposals.shape, minval=-1.0, maxval=1.0), proposals)
+
+
 def weight_ess(weights):
     """Effective sample size of each state's weights as a fraction of M: 1 / (M sum_j w_j^2), in [1/M, 1]."""
     return 1.0 / (weights.shape[-1] * jnp.sum(weights**2, axis=-1))

@@ -8,6 +8,7 @@ only the policy update and the TD target's next action differ:
              per state from pi^t, weighted DSM; TD next action from the sampler
              (ddpl_gaussian_ablation.make_policy("diffusion"), the same code as ddpl_smax.py's update)
 - ddpl-full-batch: the same with B_p = B, i.e. M proposals for every state of the batch (the scripts before B_p)
+- ddpl-mix:  ddpl with --proposal-mix 0.1 (a tenth of the proposals uniform on the box; docs/algorithm.md sec. 4)
 - dacer:     policy loss -Qbar(s, a_theta) back-propagated through the K-step sampler (Wang et al. 2024, without
              its entropy tuning, which costs one extra scalar)
 - qvpo:      Q-weighted DSM (Ding et al. 2024, the official defaults): 64 samples per state, the best one weighted
@@ -46,7 +47,7 @@ import optax  # noqa: E402
 import ddpl_gaussian_ablation as ablation  # noqa: E402
 from ddpl_smax import SMAXArrays, TwinCritic, dsm_loss, issm_weights, sample_actions, valid_maps  # noqa: E402
 
-METHODS = ("ddpl", "ddpl-full-batch", "ddpl-unsplit", "dacer", "qvpo", "gaussian")
+METHODS = ("ddpl", "ddpl-full-batch", "ddpl-mix", "ddpl-unsplit", "dacer", "qvpo", "gaussian")
 QVPO_TRAIN_SAMPLES, QVPO_TARGET_SAMPLES, QVPO_BEHAVIOUR_SAMPLES = 64, 4, 4  # QVPO's official defaults
 QVPO_ENTROPY_SAMPLES, QVPO_ENTROPY_WEIGHT = 10, 0.02
 
@@ -75,7 +76,7 @@ def build(method: str, args, N: int, D: int, S: int, A: int):
     act(params, obs (N, D), state (S,), key) -> actions (N, A) for one env. params has the agents as leading axis."""
     M = args.num_action_samples
     cfg = ablation.Args(env="smax", num_action_samples=M, batch_size=args.batch_size, hidden_size=args.hidden_size)
-    cfg = replace(cfg, num_diffusion_steps=args.num_diffusion_steps)
+    cfg = replace(cfg, num_diffusion_steps=args.num_diffusion_steps, proposal_mix=0.1 if method == "ddpl-mix" else 0.0)
     policy = "gaussian" if method == "gaussian" else "diffusion"
     init_actor, sample, actor_loss = ablation.make_policy(cfg, policy, A)
     critic_net = TwinCritic(hidden=cfg.hidden_size)

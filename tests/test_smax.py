@@ -142,6 +142,7 @@ def test_tyro_rejects_bad_input_with_exit_code_2(capsys, flags, expected):
         ({"eval_every": 10, "num_envs": 20}, "need --num-envs <= --eval-every <= --total-timesteps"),
         ({"buffer_size": 10}, "--buffer-size must be >= 20"),
         ({"target_ess": 1.0}, "--target-ess must be 0"),
+        ({"proposal_mix": 1.0}, "--proposal-mix must be in [0, 1)"),
     ],
 )
 def test_invalid_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, expected):
