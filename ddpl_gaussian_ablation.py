@@ -89,12 +89,14 @@ class Args:
     num_eval_episodes: int = 50  # episodes per seed and evaluation, stochastic policy (paper Sec. 5)
 
 
-# --env toy's defaults (ours): toy_failure_mode.py's discount, 5 seeds, and networks and a budget that train N = 1..4
-# for both classes in about 10 minutes of a 2-core CPU (docs/ddpl_gaussian_ablation.md, "The toy game")
+# --env toy's defaults (ours): toy_failure_mode.py's discount, small networks, 10 seeds of N = 1 and 2, and issue 25's
+# exploration setting: a tenth of the proposals uniform (--proposal-mix), which makes a sharper eta (5) safe, 4 updates
+# per iteration on all 128 states, tau 0.05 (docs/ddpl_gaussian_ablation.md, "The toy game" and "Issue 25")
 TOY_DEFAULTS = Args(
-    env="toy", num_seeds=5, total_timesteps=20_000, num_envs=8, buffer_size=20_000, learning_starts=2_000,
-    batch_size=128, gamma=0.9, tau=0.02, learning_rate=1e-3, learning_rate_end=1e-4, hidden_size=64,
-    num_diffusion_steps=10, eval_every=5_000, num_eval_episodes=100,
+    env="toy", toy_agents=(1, 2), num_seeds=10, total_timesteps=20_000, num_envs=8, buffer_size=20_000,
+    learning_starts=2_000, batch_size=128, gamma=0.9, tau=0.05, learning_rate=1e-3, learning_rate_end=1e-4,
+    hidden_size=64, num_diffusion_steps=10, eval_every=5_000, num_eval_episodes=100, updates_per_iteration=4,
+    issm_batch_size=128, proposal_mix=0.1, eta=5.0,
 )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ per environment, both classes together (docs/ddpl_gaussian_ablation.md). Flags i
     python benchmarks/gaussian_ablation.py --env mpe             # MPE Simple-Reference, 60k env steps per seed
     python benchmarks/gaussian_ablation.py --env smax            # SMAX 3s_vs_5z, 60k env steps per seed
     python benchmarks/gaussian_ablation.py --env smax --table3 --total-timesteps 2000000   # the GPU budget
-    python ddpl_gaussian_ablation.py --env toy --compare         # the toy game, N = 1..4 (no benchmark needed)
+    python ddpl_gaussian_ablation.py --env toy --compare         # the toy game, N = 1 and 2 (no benchmark needed)
 """
 
 import argparse

@@ -1,13 +1,13 @@
 """What the critics of the toy game learn: Algorithm 2 on one agent, per class, with the critic read at every chunk.
 
-Trains `ddpl_gaussian_ablation.py --env toy` with one agent for both policy classes (its toy defaults, 5 seeds
+Trains `ddpl_gaussian_ablation.py --env toy` with one agent for both policy classes (its toy defaults, 10 seeds
 vmapped; flags after the script name go to the ablation's parser) and prints after every chunk, per seed: the
 learned min(Q1, Q2) at s0 for the bump action a = 0 and for a* = 0.8, the best Q at goal and where it sits, and the
 policy's mass in s0 within delta of a* (from 512 probe samples). With the goal policy learned, Q(s0, a*) should
 approach p gamma V(goal) = 0.5 x 0.9 x 10 = 4.5 against the bump's 1 (docs/ddpl_gaussian_ablation.md, "The toy
 game").
 
-    python benchmarks/toy_critic.py                            # 20k env steps per seed, about 2 minutes
+    python benchmarks/toy_critic.py                            # 20k env steps per seed
     python benchmarks/toy_critic.py --total-timesteps 60000
 """
 
