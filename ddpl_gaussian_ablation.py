@@ -857,7 +857,8 @@ def summarise(args: Args, env_id: str, results: dict, classes: list, agent_count
     elif args.compare:  # one row per class, the same seeds and budget
         summary["comparison"] = {label: results[label, None] for label in classes}
     where = {"num_agents": agent_counts[-1]} if args.env == "toy" else {}  # the toy's learning curves: the largest N
-    panels = {"eval return per agent": {c: ("episodic_return", {"policy": c} | where) for c in classes}}
+    ret = "eval team return (every agent's reward)" if args.env == "toy" else "eval return per agent"
+    panels = {ret: {c: ("episodic_return", {"policy": c} | where) for c in classes}}
     if wins := {"smax": "eval win rate", "toy": "eval success rate"}.get(args.env):
         panels[wins] = {c: ("win_rate", {"policy": c} | where) for c in classes}
     return summary, panels, f"DDPL policy classes on {env_id}" + (f", N = {agent_counts[-1]}" if where else "")
