@@ -107,8 +107,7 @@ class MPEArrays:
 
     def __init__(self, env_id: str):
         self.env = jaxmarl.make(env_id, action_type="Continuous")
-        self.agents = self.env.agents
-        self.num_agents = len(self.agents)
+        self.agents, self.num_agents = self.env.agents, len(self.env.agents)
         self.obs_dims = [self.env.observation_space(a).shape[0] for a in self.agents]
         self.act_dims = [self.env.action_space(a).shape[0] for a in self.agents]
         self.obs_dim, self.act_dim = max(self.obs_dims), max(self.act_dims)
@@ -297,7 +296,7 @@ def make_policy(args: Args, policy: str, A: int):
     """init(key, D), sample(params, obs, key) -> actions in [-1, 1], actor_loss(params, old_params = pi^t, obs, alive
     (B,), q_fn, temp, key) -> (loss, (temp, [max_weight, ess, eta, action_std])). q_fn(actions (B, M, A)) -> Qbar_i
     (B, M) from the just-updated online critics; temp: issm_temperature's state (both classes share it)."""
-    M = args.num_action_samples
+    M, mix = args.num_action_samples, args.proposal_mix
     temperature = (args.weight_rule, args.eta, args.target_ess)  # issm_temperature's arguments, both classes
     living_mean = lambda x, alive: (x * alive).sum() / jnp.maximum(alive.sum(), 1.0)  # noqa: E731
     if policy == "diffusion":  # DDPL: ISSM on M actions drawn from pi^t (eq. 2), exactly as the DDPL scripts
@@ -313,7 +312,7 @@ def make_policy(args: Args, policy: str, A: int):
         def actor_loss(params, old_params, obs, alive, q_fn, temp, key):
             k_prop, k_dsm = jax.random.split(key)
             proposals = sample(old_params, jnp.broadcast_to(obs[:, None], (obs.shape[0], M, obs.shape[-1])), k_prop)
-            proposals = mix_proposals(proposals, jax.random.fold_in(k_prop, 1), args.proposal_mix)
+            proposals = mix_proposals(proposals, jax.random.fold_in(k_prop, 1), mix)
             weights, temp, ess, eta = issm_temperature(temp, q_fn(proposals), *temperature, alive)
             loss = dsm_loss(net.apply, params, obs, proposals, k_dsm, sched, alive_issm_weights(weights, alive))
             stats = [living_mean(weights.max(-1), alive), ess, eta, proposals.std(axis=1).mean()]
@@ -348,18 +347,16 @@ def make_policy(args: Args, policy: str, A: int):
             x = jnp.tanh(u)
             q = q_fn(x)
             weights, temp, ess, eta = issm_temperature(temp, jax.lax.stop_gradient(q), *temperature, alive)
-            log_ratio = squashed_log_prob(u, mean[:, None], log_std[:, None])
+            log_new = squashed_log_prob(u, mean[:, None], log_std[:, None])
             log_old = squashed_log_prob(u, old_mean[:, None], old_log_std[:, None])
-            if args.proposal_mix > 0:  # log of the mixture (1 - m) pi^t + m U, U's density 2^-A on the box
-                mix = args.proposal_mix
+            if mix > 0:  # log of the mixture (1 - m) pi^t + m U, U's density 2^-A on the box
                 log_old = jnp.logaddexp(jnp.log1p(-mix) + log_old, jnp.log(mix) - A * jnp.log(2.0))
-            log_ratio -= log_old
-            loss = jnp.mean(mask * (log_ratio - eta * scaled(q, temp)))
+            loss = jnp.mean(mask * (log_new - log_old - eta * scaled(q, temp)))
         else:  # forward KL (ours): weighted maximum likelihood of M actions from pi^t with the ISSM weights
             u = jax.lax.stop_gradient(old_mean[:, None] + jnp.exp(old_log_std)[:, None] * eps)  # a = tanh(u)
             x = jnp.tanh(u)
-            if args.proposal_mix > 0:  # the proposal (1 - m) pi^t + m U, as for diffusion
-                x = mix_proposals(x, jax.random.fold_in(key, 1), args.proposal_mix)
+            if mix > 0:  # the proposal (1 - m) pi^t + m U, as for diffusion
+                x = mix_proposals(x, jax.random.fold_in(key, 1), mix)
                 u = jnp.arctanh(jnp.clip(x, -1.0 + 1e-6, 1.0 - 1e-6))
             weights, temp, ess, eta = issm_temperature(temp, q_fn(x), *temperature, alive)
             log_lik = squashed_log_prob(u, mean[:, None], log_std[:, None])
@@ -372,9 +369,8 @@ def make_policy(args: Args, policy: str, A: int):
 
 # --- DDPL core: begin ---
 # Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). docs/algorithm.md sec. 3-5.
-def make_noise_schedule(name: str, num_steps: int) -> dict:
-    """Betas b_1..b_K and the DDPM coefficients derived from them (docs/algorithm.md sec. 3)."""
-    K = num_steps
+def make_noise_schedule(name: str, K: int) -> dict:
+    """Betas b_1..b_K of K denoising steps and the DDPM coefficients derived from them (docs/algorithm.md sec. 3)."""
     if name == "linear":  # Table 3: "linear, start 0.001, end 0.999"
         betas = jnp.linspace(1e-3, 0.999, K)
     elif name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008, b clipped at 0.999
@@ -453,8 +449,7 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
         noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
         return sched["c1"][i] * x0 + sched["c2"][i] * x + noise, None
 
-    x_0, _ = jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))
-    return jnp.clip(x_0, -1.0, 1.0)
+    return jnp.clip(jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))[0], -1.0, 1.0)
 
 
 def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
@@ -469,28 +464,20 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
     x_k = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
     obs_m = jnp.broadcast_to(obs[:, None, :], (B, M, obs.shape[-1]))
     per_sample = jnp.sum((apply_fn(params, x_k, k, obs_m) - eps) ** 2, axis=-1)
-    if weights is None:
-        weights = jnp.full((B, M), 1.0 / M)
+    weights = jnp.full((B, M), 1.0 / M) if weights is None else weights
     return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
 
 
 def issm_weights(q, eta, q_scale=None):
-    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state: with
-    pi^t as proposal, pi^{t+1} / pi^t = exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None: each state's own std over its
-    M samples; a number: one scale for every state (ours: --weight-rule, docs/algorithm.md sec. 4)."""
-    if q_scale is None:
-        q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
-    else:
-        q = q / q_scale
+    """Self-normalised weights softmax_j(eta Qbar(s, a_j) / scale) over a state's M samples: pi^{t+1} / pi^t =
+    exp(eta Qbar) / Z(s) (Sec. 4.1). scale: q_scale, or (None) each state's own std (ours: docs/algorithm.md sec. 4)."""
+    q = (q - q.mean(-1, keepdims=True)) / (q.std(-1, keepdims=True) + 1e-6) if q_scale is None else q / q_scale
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
 def mix_proposals(proposals, key, mix):
-    """Each proposal (..., d) replaced, with probability mix, by a uniform draw on the box [-1, 1]^d: the proposal is
-    q = (1 - mix) pi^t + mix U and, with the same weights exp(eta Qbar) / Z, the ISSM target q exp(eta Qbar) / Z keeps
-    a floor of mass on every action in proportion to exp(eta Qbar) (ours: docs/algorithm.md sec. 4). mix 0: as is."""
-    if mix <= 0:
-        return proposals
+    """Each proposal (..., d) replaced with probability mix by a uniform draw on [-1, 1]^d: the ISSM target becomes
+    ((1 - mix) pi^t + mix U) exp(eta Qbar) / Z, a floor of mass on every action (ours: docs/algorithm.md sec. 4)."""
     k_pick, k_box = jax.random.split(key)
     pick = jax.random.uniform(k_pick, proposals.shape[:-1] + (1,)) < mix
     return jnp.where(pick, jax.random.uniform(k_box, proposals.shape, minval=-1.0, maxval=1.0), proposals)
@@ -505,8 +492,7 @@ def issm_temperature(temp, q, rule, eta, target_ess, mask=None, rate=0.01):
     """ISSM weights (B, M) at this update's temperature -> (weights, new temp, mean ESS fraction, eta_t). Ours.
     rule "state": each state's Qbar over its own std; "batch": over a running mean (rate per update) of the batch's
     mean within-state std; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent on the
-    mean ESS fraction, as SAC tunes alpha. mask (B,) drops rows from both means (dead SMAX allies). temp starts at 0.
-    """
+    mean ESS fraction, as SAC tunes alpha. mask (B,) drops rows from both means (dead SMAX allies). temp starts 0."""
     mask = jnp.ones(q.shape[0]) if mask is None else mask
     mean = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)  # noqa: E731
     std = mean(q.std(axis=-1))
@@ -652,11 +638,9 @@ def make_train(args: Args, env, policy: str):
     def chunk(rs, chunk):
         iterations = chunk * iters_per_chunk + jnp.arange(iters_per_chunk)
         # carry: running sums of finished training episodes' returns and wins, and their count
-        (rs, (ret_sum, win_sum, count)), (metrics, updated) = jax.lax.scan(
-            iteration_step, (rs, jnp.zeros(3)), iterations
-        )
+        (rs, (r_sum, w_sum, count)), (metrics, updated) = jax.lax.scan(iteration_step, (rs, jnp.zeros(3)), iterations)
         metrics = jnp.where(updated.sum() > 0, (metrics * updated[:, None]).sum(axis=0) / updated.sum(), jnp.nan)
-        train = {"train_return": ret_sum / count, "train_win_rate": win_sum / count}
+        train = {"train_return": r_sum / count, "train_win_rate": w_sum / count}
         train = jax.tree.map(lambda x: jnp.where(count > 0, x, jnp.nan), train)
         return rs, dict(zip(UPDATE_METRICS, metrics, strict=True)) | train
 
@@ -824,9 +808,7 @@ def plot_success(success: dict, solved: dict, path: str, args: Args):
     fig.savefig(path, dpi=100)
 
 
-def class_statistics(
-    args: Args, name: str, returns: list, wins: list, ok: np.ndarray, sps: float, n=None
-) -> dict | None:
+def class_statistics(args: Args, name: str, returns: list, wins: list, ok, sps: float, n=None) -> dict | None:
     """One class's (and N's) summary statistics over its healthy seeds (ok), printed; None if every seed diverged."""
     if not ok.any():
         print(f"{name}: every seed diverged")
@@ -870,14 +852,11 @@ def validate(args: Args) -> str | None:
         return f"--toy-agents must be numbers of agents >= 1, got {args.toy_agents}"
     if not 0 <= args.issm_batch_size <= args.batch_size:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
-    if not 0 <= args.target_ess < 1:
-        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
-    if not 0 <= args.proposal_mix < 1:
-        return f"--proposal-mix must be in [0, 1) (0: every proposal from pi^t), got {args.proposal_mix}"
-    if args.num_action_samples < 2:
-        return f"--num-action-samples must be >= 2 (per-state normalised weights), got {args.num_action_samples}"
+    if not (0 <= args.target_ess < 1 and 0 <= args.proposal_mix < 1):  # target_ess 0: fixed eta; mix 0: all from pi^t
+        return f"need 0 <= --target-ess < 1 and 0 <= --proposal-mix < 1, got {args.target_ess}, {args.proposal_mix}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
     minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    minimum |= {"num_action_samples": 2}  # ISSM's weights are normalised over each state's M >= 2 proposals
     for name, low in minimum.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
@@ -887,10 +866,9 @@ def validate(args: Args) -> str | None:
     chunk = args.eval_every // args.num_envs * args.num_envs  # env steps per chunk
     if args.probe_every < 0 or args.probe_every % chunk:
         return f"--probe-every must be 0 or a multiple of the chunk ({chunk} env steps: --eval-every, whole iterations)"
-    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
-        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
-    if args.learning_rate_end <= 0:
-        return "--learning-rate-end must be > 0"
+    positive = min(args.tau, args.learning_rate, args.learning_rate_end) > 0 and args.eta >= 0
+    if not (0 <= args.gamma <= 1 and args.tau <= 1 and positive):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0, --learning-rate and --learning-rate-end > 0"
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track needs the wandb package (pip install wandb), which is not installed"
     if args.num_seeds % (n := jax.local_device_count()):  # the seed axis is split evenly over the local devices
@@ -932,8 +910,7 @@ def main(args: Args) -> int:
             train_chunk = jax.jit(jax.vmap(train.chunk, (0, None)), out_shardings=lanes, donate_argnums=0)
             train_chunk = train_chunk.lower(rs, jnp.int32(0)).compile()
             evaluate = jax.jit(jax.vmap(train.evaluate, (0, 0, None)))
-            critic_value = jax.jit(jax.vmap(train.critic_value))
-            probe = jax.jit(jax.vmap(train.probe))  # PROBE_SAMPLES actions per seed and agent at the probe state
+            critic_value, probe = jax.jit(jax.vmap(train.critic_value)), jax.jit(jax.vmap(train.probe))
             total = train.num_chunks * train.steps_per_chunk
             print(f"{name}: compiled in {time.time() - start:.0f} s; {train.num_chunks} chunks, {total} steps per seed")
             probe_steps = [0] if args.probe_every else []  # before the first update, then every --probe-every steps

@@ -143,9 +143,8 @@ def buffer_add(buffer: dict, transitions: dict, iteration) -> dict:
 
 # --- DDPL core: begin ---
 # Identical text in every ddpl_*.py and toy_failure_mode.py (tests/test_core_identity.py). docs/algorithm.md sec. 3-5.
-def make_noise_schedule(name: str, num_steps: int) -> dict:
-    """Betas b_1..b_K and the DDPM coefficients derived from them (docs/algorithm.md sec. 3)."""
-    K = num_steps
+def make_noise_schedule(name: str, K: int) -> dict:
+    """Betas b_1..b_K of K denoising steps and the DDPM coefficients derived from them (docs/algorithm.md sec. 3)."""
     if name == "linear":  # Table 3: "linear, start 0.001, end 0.999"
         betas = jnp.linspace(1e-3, 0.999, K)
     elif name == "cosine":  # Nichol & Dhariwal (2021), s = 0.008, b clipped at 0.999
@@ -224,8 +223,7 @@ def sample_actions(apply_fn, params, obs, key, sched, action_dim):
         noise = jnp.where(k > 1, sched["sigma"][i], 0.0) * jax.random.normal(step_key, x.shape)
         return sched["c1"][i] * x0 + sched["c2"][i] * x + noise, None
 
-    x_0, _ = jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))
-    return jnp.clip(x_0, -1.0, 1.0)
+    return jnp.clip(jax.lax.scan(step, x_K, (jnp.arange(K, 0, -1), keys[1:]))[0], -1.0, 1.0)
 
 
 def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
@@ -240,28 +238,20 @@ def dsm_loss(apply_fn, params, obs, x0, key, sched, weights=None):
     x_k = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
     obs_m = jnp.broadcast_to(obs[:, None, :], (B, M, obs.shape[-1]))
     per_sample = jnp.sum((apply_fn(params, x_k, k, obs_m) - eps) ** 2, axis=-1)
-    if weights is None:
-        weights = jnp.full((B, M), 1.0 / M)
+    weights = jnp.full((B, M), 1.0 / M) if weights is None else weights
     return jnp.mean(jnp.sum(weights * per_sample, axis=-1))
 
 
 def issm_weights(q, eta, q_scale=None):
-    """Self-normalised importance weights softmax_j(eta * Qbar(s, a_j) / scale) over the M samples of a state: with
-    pi^t as proposal, pi^{t+1} / pi^t = exp(eta Qbar) / Z(s) (Sec. 4.1). q_scale None: each state's own std over its
-    M samples; a number: one scale for every state (ours: --weight-rule, docs/algorithm.md sec. 4)."""
-    if q_scale is None:
-        q = (q - q.mean(axis=-1, keepdims=True)) / (q.std(axis=-1, keepdims=True) + 1e-6)
-    else:
-        q = q / q_scale
+    """Self-normalised weights softmax_j(eta Qbar(s, a_j) / scale) over a state's M samples: pi^{t+1} / pi^t =
+    exp(eta Qbar) / Z(s) (Sec. 4.1). scale: q_scale, or (None) each state's own std (ours: docs/algorithm.md sec. 4)."""
+    q = (q - q.mean(-1, keepdims=True)) / (q.std(-1, keepdims=True) + 1e-6) if q_scale is None else q / q_scale
     return jax.lax.stop_gradient(jax.nn.softmax(eta * q, axis=-1))
 
 
 def mix_proposals(proposals, key, mix):
-    """Each proposal (..., d) replaced, with probability mix, by a uniform draw on the box [-1, 1]^d: the proposal is
-    q = (1 - mix) pi^t + mix U and, with the same weights exp(eta Qbar) / Z, the ISSM target q exp(eta Qbar) / Z keeps
-    a floor of mass on every action in proportion to exp(eta Qbar) (ours: docs/algorithm.md sec. 4). mix 0: as is."""
-    if mix <= 0:
-        return proposals
+    """Each proposal (..., d) replaced with probability mix by a uniform draw on [-1, 1]^d: the ISSM target becomes
+    ((1 - mix) pi^t + mix U) exp(eta Qbar) / Z, a floor of mass on every action (ours: docs/algorithm.md sec. 4)."""
     k_pick, k_box = jax.random.split(key)
     pick = jax.random.uniform(k_pick, proposals.shape[:-1] + (1,)) < mix
     return jnp.where(pick, jax.random.uniform(k_box, proposals.shape, minval=-1.0, maxval=1.0), proposals)
@@ -276,8 +266,7 @@ def issm_temperature(temp, q, rule, eta, target_ess, mask=None, rate=0.01):
     """ISSM weights (B, M) at this update's temperature -> (weights, new temp, mean ESS fraction, eta_t). Ours.
     rule "state": each state's Qbar over its own std; "batch": over a running mean (rate per update) of the batch's
     mean within-state std; "raw": Qbar as it is. target_ess > 0 adapts eta_t = eta exp(log_eta) by dual ascent on the
-    mean ESS fraction, as SAC tunes alpha. mask (B,) drops rows from both means (dead SMAX allies). temp starts at 0.
-    """
+    mean ESS fraction, as SAC tunes alpha. mask (B,) drops rows from both means (dead SMAX allies). temp starts 0."""
     mask = jnp.ones(q.shape[0]) if mask is None else mask
     mean = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)  # noqa: E731
     std = mean(q.std(axis=-1))
@@ -558,24 +547,20 @@ def validate(args: Args) -> str | None:
     """The first invalid flag that tyro cannot check, as a one-line message (None: all valid)."""
     if not 0 <= args.issm_batch_size <= args.batch_size:
         return f"--issm-batch-size must be 0 (--batch-size // M) or 1..--batch-size, got {args.issm_batch_size}"
-    if not 0 <= args.target_ess < 1:
-        return f"--target-ess must be 0 (fixed eta) or in (0, 1), got {args.target_ess}"
-    if not 0 <= args.proposal_mix < 1:
-        return f"--proposal-mix must be in [0, 1) (0: every proposal from pi^t), got {args.proposal_mix}"
-    if args.num_action_samples < 2:
-        return f"--num-action-samples must be >= 2 (per-state normalised ISSM weights), got {args.num_action_samples}"
+    if not (0 <= args.target_ess < 1 and 0 <= args.proposal_mix < 1):  # target_ess 0: fixed eta; mix 0: all from pi^t
+        return f"need 0 <= --target-ess < 1 and 0 <= --proposal-mix < 1, got {args.target_ess}, {args.proposal_mix}"
     minimum = dict.fromkeys(("num_seeds", "num_envs", "batch_size", "hidden_size", "num_diffusion_steps"), 1)
     minimum |= {"num_eval_episodes": 1, "updates_per_iteration": 0, "learning_starts": 0, "buffer_size": args.num_envs}
+    minimum |= {"num_action_samples": 2}  # ISSM's weights are normalised over each state's M >= 2 proposals
     for name, low in minimum.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
     if not args.num_envs <= args.eval_every <= args.total_timesteps:
         got = f"{args.num_envs}, {args.eval_every}, {args.total_timesteps}"
         return f"need --num-envs <= --eval-every <= --total-timesteps, got {got}"
-    if not (0 <= args.gamma <= 1 and 0 < args.tau <= 1 and args.eta >= 0 and args.learning_rate > 0):
-        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0 and --learning-rate > 0"
-    if args.learning_rate_end <= 0:
-        return "--learning-rate-end must be > 0"
+    positive = min(args.tau, args.learning_rate, args.learning_rate_end) > 0 and args.eta >= 0
+    if not (0 <= args.gamma <= 1 and args.tau <= 1 and positive):
+        return "need 0 <= --gamma <= 1, 0 < --tau <= 1, --eta >= 0, --learning-rate and --learning-rate-end > 0"
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track needs the wandb package (pip install wandb), which is not installed"
     if args.num_seeds % (n := jax.local_device_count()):  # the seed axis is split evenly over the local devices

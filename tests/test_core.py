@@ -466,9 +466,10 @@ def test_reverse_kl_gaussian_collapses_to_one_mode():
 
 def test_mix_proposals_replaces_whole_actions_uniformly():
     """--proposal-mix m: each proposal (a whole action vector) is replaced with probability m by a uniform draw on
-    the box; m = 0 returns the proposals untouched (same object, so runs without the flag are unchanged)."""
+    the box; m = 0 returns the proposals bit for bit (runs without the flag are unchanged)."""
+    proposals = jax.random.uniform(jax.random.PRNGKey(1), (200, 50, 2), minval=-1.0, maxval=1.0)
+    np.testing.assert_array_equal(mix_proposals(proposals, jax.random.PRNGKey(0), 0.0), proposals)
     proposals = jnp.full((200, 50, 2), 0.3)
-    assert mix_proposals(proposals, jax.random.PRNGKey(0), 0.0) is proposals
     mixed = np.asarray(mix_proposals(proposals, jax.random.PRNGKey(0), 0.25))
     replaced = np.any(mixed != 0.3, axis=-1)
     assert np.all(np.all(mixed != 0.3, axis=-1) == replaced)  # both coordinates or neither

@@ -141,8 +141,9 @@ def test_tyro_rejects_bad_input_with_exit_code_2(capsys, flags, expected):
         ({"num_action_samples": 1}, "--num-action-samples must be >= 2"),
         ({"eval_every": 10, "num_envs": 20}, "need --num-envs <= --eval-every <= --total-timesteps"),
         ({"buffer_size": 10}, "--buffer-size must be >= 20"),
-        ({"target_ess": 1.0}, "--target-ess must be 0"),
-        ({"proposal_mix": 1.0}, "--proposal-mix must be in [0, 1)"),
+        ({"target_ess": 1.0}, "need 0 <= --target-ess < 1 and 0 <= --proposal-mix < 1, got 1.0, 0.0"),
+        ({"proposal_mix": 1.0}, "need 0 <= --target-ess < 1 and 0 <= --proposal-mix < 1, got 0.0, 1.0"),
+        ({"learning_rate_end": 0.0}, "--learning-rate and --learning-rate-end > 0"),
     ],
 )
 def test_invalid_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, expected):
