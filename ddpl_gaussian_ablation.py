@@ -355,7 +355,7 @@ def make_policy(args: Args, policy: str, A: int):
         else:  # forward KL (ours): weighted maximum likelihood of M actions from pi^t with the ISSM weights
             u = jax.lax.stop_gradient(old_mean[:, None] + jnp.exp(old_log_std)[:, None] * eps)  # a = tanh(u)
             x = jnp.tanh(u)
-            if mix > 0:  # the proposal (1 - m) pi^t + m U, as for diffusion
+            if mix > 0:  # the proposal (1 - m) pi^t + m U, as for diffusion; m = 0 keeps u (arctanh(tanh u) != u)
                 x = mix_proposals(x, jax.random.fold_in(key, 1), mix)
                 u = jnp.arctanh(jnp.clip(x, -1.0 + 1e-6, 1.0 - 1e-6))
             weights, temp, ess, eta = issm_temperature(temp, q_fn(x), *temperature, alive)

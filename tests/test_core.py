@@ -366,26 +366,18 @@ def mass_near(a, centre, radius=0.2):
     return float(np.mean(np.abs(np.asarray(a) - centre) <= radius))
 
 
-def fit_issm_bimodal(seed=0, pretrain_steps=1000, rounds=6, updates=100, B=4, M=256, num_samples=4000):
-    """Broad diffusion policy (DSM fit to N(0, 0.6^2)), then ISSM rounds toward pi^t exp(E) (eq. 2, eta = 1).
-
-    Each round draws M fresh actions per state (B copies of one state) from the current policy, weights them by
-    softmax_j(E(a_j)) and takes `updates` Adam steps on the weighted DSM loss. Returns (broad, final) samples.
-    """
+def issm_rounds_from(start, energy, q_scale, mix=0.0, seed=0, pretrain_steps=1000, rounds=6, updates=100, B=4, M=256,
+                     hidden=128, num_samples=4000):  # fmt: skip
+    """A diffusion policy DSM-fit to samples of start(key) -> (B, M, 1), then ISSM rounds toward pi^t exp(E) (eq. 2,
+    eta = 1) as the scripts take them: each round draws M fresh actions per state (B copies of one state) from the
+    current policy, replaces a share mix of them by uniform ones (mix_proposals), weights them by issm_weights(E,
+    q_scale) and takes `updates` Adam steps on the weighted DSM loss. Returns (start policy, final policy) samples."""
     sched = make_noise_schedule("cosine", 20)
-    net = ScoreNet(action_dim=1, hidden=128, num_layers=3)
+    net = ScoreNet(action_dim=1, hidden=hidden, num_layers=3)
     obs = jnp.ones((B, 1))
     _, k_init, k_pre, k_rounds, k_sample = jax.random.split(jax.random.PRNGKey(seed), 5)
     params = net.init(k_init, jnp.zeros((B, 1)), jnp.ones(B, jnp.int32), obs)
-    broad = _fit_dsm(
-        net,
-        params,
-        obs,
-        lambda k: jnp.clip(0.6 * jax.random.normal(k, (B, M, 1)), -1.0, 1.0),
-        sched,
-        k_pre,
-        pretrain_steps,
-    )
+    fitted = _fit_dsm(net, params, obs, start, sched, k_pre, pretrain_steps)
     tx = optax.adam(1e-3)
 
     @jax.jit
@@ -394,11 +386,12 @@ def fit_issm_bimodal(seed=0, pretrain_steps=1000, rounds=6, updates=100, B=4, M=
             params, opt = carry
             k_prop, k_upd = jax.random.split(k)
             actions = sample_actions(net.apply, params, jnp.ones((B, M, 1)), k_prop, sched, 1)  # (B, M, 1) ~ pi^t
-            q = bimodal_energy(actions[..., 0])
+            actions = mix_proposals(actions, jax.random.fold_in(k_prop, 1), mix)  # mix 0: unchanged, bit for bit
+            q = energy(actions[..., 0])
 
             def update(carry, kk):
                 params, opt = carry
-                grads = jax.grad(issm_loss, argnums=1)(net.apply, params, obs, actions, q, kk, sched, 1.0, 1.0)
+                grads = jax.grad(issm_loss, argnums=1)(net.apply, params, obs, actions, q, kk, sched, 1.0, q_scale)
                 upd, opt = tx.update(grads, opt)
                 return (optax.apply_updates(params, upd), opt), None
 
@@ -406,9 +399,16 @@ def fit_issm_bimodal(seed=0, pretrain_steps=1000, rounds=6, updates=100, B=4, M=
 
         return jax.lax.scan(one_round, (params, opt), jax.random.split(key, rounds))[0][0]
 
-    final = issm_rounds(*broad, k_rounds)
+    final = issm_rounds(*fitted, k_rounds)
     draw = jax.jit(lambda p, k: sample_actions(net.apply, p, jnp.ones((num_samples, 1)), k, sched, 1)[..., 0])
-    return np.asarray(draw(broad[0], k_sample)), np.asarray(draw(final, k_sample))
+    return np.asarray(draw(fitted[0], k_sample)), np.asarray(draw(final, k_sample))
+
+
+def fit_issm_bimodal(seed=0):
+    """Broad diffusion policy (DSM fit to N(0, 0.6^2) clipped to the box), then 6 ISSM rounds toward pi^t exp(E) with
+    the raw energy (q_scale 1). Returns (broad, final) samples."""
+    broad = lambda k: jnp.clip(0.6 * jax.random.normal(k, (4, 256, 1)), -1.0, 1.0)  # noqa: E731
+    return issm_rounds_from(broad, bimodal_energy, 1.0, seed=seed)
 
 
 def fit_reverse_kl_gaussian(seed=0, steps=2000, lr=0.02, n=256, num_samples=4000):
@@ -479,54 +479,25 @@ def test_mix_proposals_replaces_whole_actions_uniformly():
     assert abs(new.mean()) < 0.03 and abs(new.std() - 1 / np.sqrt(3)) < 0.02  # U[-1, 1]: mean 0, std 0.577
 
 
-def issm_from_collapsed(mix, seed=0, pretrain_steps=800, rounds=8, updates=50, B=4, M=64, num_samples=2000):
+def issm_from_collapsed(mix, seed=0):
     """A diffusion policy collapsed onto a = 0 (DSM fit to N(0, 0.03^2)) and a Qbar whose best action, a* = 0.8,
-    the policy never samples: Q(a) = 1 near 0 and 3 near a*. ISSM rounds as the scripts take them (weights per
-    state, --weight-rule state, eta 1) from proposals mixed by mix_proposals. Returns the final policy's samples."""
-    sched = make_noise_schedule("cosine", 20)
-    net = ScoreNet(action_dim=1, hidden=64, num_layers=3)
-    obs = jnp.ones((B, 1))
-    _, k_init, k_pre, k_rounds, k_sample = jax.random.split(jax.random.PRNGKey(seed), 5)
-    params = net.init(k_init, jnp.zeros((B, 1)), jnp.ones(B, jnp.int32), obs)
-    collapsed = _fit_dsm(
-        net, params, obs, lambda k: 0.03 * jax.random.normal(k, (B, M, 1)), sched, k_pre, pretrain_steps
-    )
+    the policy never samples: Q(a) = 1 near 0 and 3 near a*. 8 ISSM rounds with weights per state (--weight-rule
+    state) from proposals mixed by mix_proposals. Returns the final policy's samples."""
 
     def qbar(a):
         return jnp.exp(-(a**2) / (2 * 0.1**2)) + 3.0 * jnp.exp(-((a - 0.8) ** 2) / (2 * 0.1**2))
 
-    tx = optax.adam(1e-3)
-
-    @jax.jit
-    def issm_rounds(params, opt, key):
-        def one_round(carry, k):
-            params, opt = carry
-            k_prop, k_mix, k_upd = jax.random.split(k, 3)
-            actions = sample_actions(net.apply, params, jnp.ones((B, M, 1)), k_prop, sched, 1)  # (B, M, 1) ~ pi^t
-            actions = mix_proposals(actions, k_mix, mix)
-            q = qbar(actions[..., 0])
-
-            def update(carry, kk):
-                params, opt = carry
-                grads = jax.grad(issm_loss, argnums=1)(net.apply, params, obs, actions, q, kk, sched, 1.0)
-                upd, opt = tx.update(grads, opt)
-                return (optax.apply_updates(params, upd), opt), None
-
-            return jax.lax.scan(update, (params, opt), jax.random.split(k_upd, updates))[0], None
-
-        return jax.lax.scan(one_round, (params, opt), jax.random.split(key, rounds))[0][0]
-
-    final = issm_rounds(*collapsed, k_rounds)
-    draw = jax.jit(lambda p, k: sample_actions(net.apply, p, jnp.ones((num_samples, 1)), k, sched, 1)[..., 0])
-    return np.asarray(draw(final, k_sample))
+    collapsed = lambda k: 0.03 * jax.random.normal(k, (4, 64, 1))  # noqa: E731
+    kw = dict(seed=seed, pretrain_steps=800, rounds=8, updates=50, M=64, hidden=64, num_samples=2000)
+    return issm_rounds_from(collapsed, qbar, None, mix, **kw)[1]
 
 
 @pytest.mark.slow
 def test_proposal_mix_brings_back_support_after_a_collapse():
     """docs/algorithm.md sec. 4, "Mixed proposals": ISSM only reweights the policy's own samples, so a collapsed
     policy never moves to a better action it does not sample; with a tenth of the proposals uniform on the box it
-    does. Measured (mass within 0.1 of a* = 0.8 / within 0.1 of 0 / std), seeds 0 and 1: mix 0: 0 / 1.00 / 0.008 and
-    0 / 1.00 / 0.008; mix 0.1: 0.56 / 0.003 / 0.14 and 0.54 / 0 / 0.14 (the rest is the floor spread over the box)."""
+    does. Measured (mass within 0.1 of a* = 0.8 / within 0.1 of 0 / std), seeds 0 and 1: mix 0: 0 / 1.00 / 0.007 and
+    0 / 1.00 / 0.007; mix 0.1: 0.53 / 0.003 / 0.15 and 0.59 / 0 / 0.13 (the rest is the floor spread over the box)."""
     without, mixed = issm_from_collapsed(0.0), issm_from_collapsed(0.1)
     assert mass_near(without, 0.8, 0.1) < 0.01, (mass_near(without, 0.8, 0.1), mass_near(without, 0.0, 0.1))
     assert mass_near(mixed, 0.8, 0.1) > 0.4, (mass_near(mixed, 0.8, 0.1), mass_near(mixed, 0.0, 0.1))
